@@ -1,0 +1,269 @@
+"""Configuration dataclasses for the SAE and its training run.
+
+Every choice the paper leaves open is a named field here, with a one-line docstring and a
+validation in ``__post_init__`` that names the bad value and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+SparsifierName = Literal[
+    "topk", "feature_choice", "feature_choice_zipf", "mutual_choice", "batch_topk", "relu_l1"
+]
+SPARSIFIERS: tuple[str, ...] = get_args(SparsifierName)
+# Rules whose training-time selection depends on the whole batch.
+BATCH_RULES = ("feature_choice", "feature_choice_zipf", "mutual_choice", "batch_topk")
+FEATURE_CHOICE_RULES = ("feature_choice", "feature_choice_zipf")
+MUTUAL_CHOICE_RULES = ("mutual_choice", "batch_topk")
+
+AuxLossName = Literal["none", "aux_k", "aux_zipf"]
+AUX_LOSSES: tuple[str, ...] = get_args(AuxLossName)
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the value and the fix."""
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not known; choose one of {list(choices)}.")
+
+
+class _JsonMixin:
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[arg-type]
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = set(d) - names
+        if unknown:
+            raise ConfigError(
+                f"{cls.__name__} has no field(s) {sorted(unknown)}; known fields: {sorted(names)}."
+            )
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, s: str):
+        return cls.from_dict(json.loads(s))
+
+
+@dataclass
+class SAEConfig(_JsonMixin):
+    """Architecture of one sparse autoencoder and its allocation rule (DESIGN §2-§4, §6)."""
+
+    d_in: int
+    """Dimension of the activations the SAE reads."""
+    n_features: int
+    """Number of dictionary features F."""
+    sparsifier: SparsifierName = "topk"
+    """Allocation rule: topk, feature_choice (uniform capacities), feature_choice_zipf,
+    mutual_choice, batch_topk (Mutual Choice under its usual name), relu_l1 (baseline)."""
+    k: float = 8.0
+    """Mean number of matches per token: the budget is K = int(k * B). For relu_l1 it is the
+    target mean L0 that the adaptive L1 coefficient steers towards."""
+    input_scaling: Literal["global", "per_token", "none"] = "global"
+    """global: one factor s with E||s x||^2 = d estimated on a sample; per_token: each x scaled
+    to norm sqrt(d) (OpenAI/BatchTopK style); none: raw activations."""
+    zipf_alpha: float = 1.0
+    """Exponent alpha of the Zipf capacity profile m_r ∝ (r + 1 + beta)^-alpha (feature_choice_zipf)."""
+    zipf_beta: float = 0.0
+    """Mandelbrot offset beta of the Zipf capacity profile (feature_choice_zipf)."""
+    capacity_ranking: Literal["fixed", "demand"] = "fixed"
+    """How features are ranked to receive Zipf capacities. fixed: rank = feature index from the
+    start (training moves the most common direction into the largest slot). demand: rank by a
+    running average of how often the feature is among a token's top-k affinities. fixed is the
+    default because it was measured better on synthetic data (see zipf.py and the README)."""
+    threshold_momentum: float = 0.99
+    """EMA momentum of the inference thresholds (Mutual Choice: one global theta; Feature
+    Choice: one theta_j per feature). DESIGN §4."""
+    b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
+    """Initial decoder bias: geometric median (Weiszfeld) or mean of a sample, or zeros."""
+
+    def __post_init__(self) -> None:
+        _check_choice("sparsifier", self.sparsifier, SPARSIFIERS)
+        _check_choice("input_scaling", self.input_scaling, ("global", "per_token", "none"))
+        _check_choice("capacity_ranking", self.capacity_ranking, ("fixed", "demand"))
+        _check_choice("b_dec_init", self.b_dec_init, ("geometric_median", "mean", "zeros"))
+        if int(self.d_in) <= 0 or int(self.d_in) != self.d_in:
+            raise ConfigError(f"d_in={self.d_in} must be a positive integer.")
+        if int(self.n_features) <= 0 or int(self.n_features) != self.n_features:
+            raise ConfigError(f"n_features={self.n_features} must be a positive integer.")
+        if not (isinstance(self.k, (int, float)) and math.isfinite(self.k)) or self.k <= 0:
+            raise ConfigError(f"k={self.k} must be a positive number of matches per token.")
+        if self.k > self.n_features:
+            raise ConfigError(
+                f"k={self.k} exceeds n_features={self.n_features}: a token cannot match more "
+                f"features than exist; lower k or raise n_features."
+            )
+        if self.sparsifier == "topk" and int(self.k) != self.k:
+            raise ConfigError(f"k={self.k}: topk needs an integer k; round it.")
+        if self.zipf_alpha < 0 or not math.isfinite(self.zipf_alpha):
+            raise ConfigError(f"zipf_alpha={self.zipf_alpha} must be finite and >= 0.")
+        if self.zipf_beta < 0 or not math.isfinite(self.zipf_beta):
+            raise ConfigError(f"zipf_beta={self.zipf_beta} must be finite and >= 0.")
+        if not 0.0 <= self.threshold_momentum < 1.0:
+            raise ConfigError(f"threshold_momentum={self.threshold_momentum} must be in [0, 1).")
+
+    def budget(self, batch_size: int) -> int:
+        """K = int(k * B): the total number of matches a batch of B tokens may spend."""
+        return int(self.k * batch_size)
+
+
+@dataclass
+class TrainConfig(_JsonMixin):
+    """One training run: data budget, optimiser, auxiliary loss, statistics (DESIGN §5-§6)."""
+
+    batch_size: int = 1024
+    """Tokens per step B. Batch rules spend K = int(k * B) matches per step."""
+    total_tokens: int = 1_000_000
+    """Training budget in tokens; steps = total_tokens // batch_size."""
+    lr: float | None = None
+    """Adam learning rate; None uses 2e-4 / sqrt(F / 2**14) (dictionary_learning, sparsify)."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """Adam betas."""
+    warmup_fraction: float = 0.05
+    """Fraction of steps with a linear learning-rate warm-up from 0."""
+    decay_fraction: float = 0.2
+    """Fraction of steps at the end with a linear decay to 0."""
+    grad_clip: float = 1.0
+    """Gradient-norm clipping threshold (<= 0 disables)."""
+    aux_loss: AuxLossName = "none"
+    """Auxiliary loss: none, aux_k (Gao et al., dead features) or aux_zipf (dead and
+    underutilised features)."""
+    aux_coef: float = 1.0 / 32
+    """Weight alpha_aux of the auxiliary loss."""
+    k_aux: int | None = None
+    """Per-token matches of the auxiliary codes; None uses min(512, d_in // 2)."""
+    aux_allocation: Literal["deficit", "topk"] = "deficit"
+    """aux_zipf only: deficit (each underutilised feature chooses tokens up to its deficit) or
+    topk (top-k_aux of the underutilised set per token)."""
+    dead_window_tokens: int = 100_000
+    """A feature is dead after this many tokens without a match (tokens, not steps)."""
+    density_window_tokens: int = 100_000
+    """Horizon of the running density estimate (an EMA with decay exp(-B / window))."""
+    gamma: float = 0.5
+    """Underutilised: density below gamma x the fitted Zipf law at the feature's rank."""
+    zipf_head_fraction: float = 0.5
+    """The Zipf-Mandelbrot law is fitted on this leading fraction of the ranked live features."""
+    zipf_refit_every: int = 25
+    """Steps between refits of the Zipf law (and the underutilised set)."""
+    demand_rerank_every: int = 25
+    """Steps between re-rankings of Zipf capacities by demand (capacity_ranking='demand')."""
+    l1_coefficient: float = 1e-3
+    """relu_l1 only: initial L1 coefficient lambda."""
+    l1_adapt_rate: float = 0.02
+    """relu_l1 only: lambda <- lambda * exp(rate * (L0 / k - 1)) each step, steering mean L0 to
+    k so the baseline is compared at equal sparsity; 0 keeps lambda fixed."""
+    init_sample_tokens: int = 8192
+    """Tokens used to estimate the input scale and initialise b_dec."""
+    seed: int = 0
+    """Seed of initialisation and data order; on the CPU a run is bit-for-bit repeatable."""
+    log_every: int = 10
+    """Steps between history rows."""
+    checkpoint_every: int = 0
+    """Steps between checkpoints (0: only at the end, when a checkpoint_dir is given)."""
+    keep_checkpoints: int = 2
+    """How many step checkpoints to keep on disk."""
+    device: str = "cpu"
+    """Torch device ('cpu', 'cuda', 'cuda:1', ...)."""
+    autocast_bf16: bool = False
+    """Run the SAE forward in bfloat16 autocast (GPU); weights and optimiser stay fp32."""
+    fast_path: bool = True
+    """Use the sparse gather/scatter kernels (kernels.py) instead of dense autograd."""
+
+    def __post_init__(self) -> None:
+        self.adam_betas = tuple(self.adam_betas)  # JSON gives a list
+        _check_choice("aux_loss", self.aux_loss, AUX_LOSSES)
+        _check_choice("aux_allocation", self.aux_allocation, ("deficit", "topk"))
+        if int(self.batch_size) != self.batch_size or self.batch_size < 1:
+            raise ConfigError(f"batch_size={self.batch_size} must be a positive integer.")
+        if self.total_tokens < self.batch_size:
+            raise ConfigError(
+                f"total_tokens={self.total_tokens} is less than one batch "
+                f"(batch_size={self.batch_size}); raise total_tokens."
+            )
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr={self.lr} must be a positive finite number (or None).")
+        for name in ("warmup_fraction", "decay_fraction"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ConfigError(f"{name}={v} must be in [0, 1].")
+        if self.warmup_fraction + self.decay_fraction > 1.0:
+            raise ConfigError(
+                f"warmup_fraction + decay_fraction = "
+                f"{self.warmup_fraction + self.decay_fraction} > 1; lower one of them."
+            )
+        if not 0.0 < self.gamma <= 1.0:
+            raise ConfigError(f"gamma={self.gamma} must be in (0, 1].")
+        if self.aux_coef < 0:
+            raise ConfigError(f"aux_coef={self.aux_coef} must be >= 0.")
+        if self.k_aux is not None and self.k_aux < 1:
+            raise ConfigError(f"k_aux={self.k_aux} must be >= 1 (or None for min(512, d/2)).")
+        for name in ("dead_window_tokens", "density_window_tokens", "init_sample_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1.")
+        for name in ("log_every", "zipf_refit_every", "demand_rerank_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1.")
+        if not 0.0 < self.zipf_head_fraction <= 1.0:
+            raise ConfigError(f"zipf_head_fraction={self.zipf_head_fraction} must be in (0, 1].")
+
+    @property
+    def n_steps(self) -> int:
+        return self.total_tokens // self.batch_size
+
+
+def resolve_lr(tcfg: TrainConfig, n_features: int) -> float:
+    """The learning rate to use: tcfg.lr, or 2e-4 / sqrt(F / 2**14)."""
+    return tcfg.lr if tcfg.lr is not None else 2e-4 / math.sqrt(n_features / 2**14)
+
+
+def resolve_k_aux(tcfg: TrainConfig, d_in: int) -> int:
+    """k_aux: tcfg.k_aux, or min(512, d/2) as in Gao et al. appendix B.1."""
+    return tcfg.k_aux if tcfg.k_aux is not None else max(1, min(512, d_in // 2))
+
+
+def check_compatible(cfg: SAEConfig, tcfg: TrainConfig) -> None:
+    """Cross-checks between the SAE and its training run; raises ConfigError with the fix."""
+    B, F = tcfg.batch_size, cfg.n_features
+    K = cfg.budget(B)
+    if cfg.sparsifier in BATCH_RULES and K < 1:
+        raise ConfigError(
+            f"k * batch_size = {cfg.k} * {B} < 1: the batch has no match to spend; "
+            f"raise batch_size or k."
+        )
+    if cfg.sparsifier in FEATURE_CHOICE_RULES:
+        if K < F:
+            raise ConfigError(
+                f"Feature Choice gives every feature at least one match, so it needs "
+                f"K = int(k * batch_size) = {K} >= n_features = {F}; raise batch_size to at "
+                f"least {math.ceil(F / cfg.k)} or lower n_features."
+            )
+        if K > F * B:
+            raise ConfigError(f"K = {K} exceeds n_features * batch_size = {F * B}; lower k.")
+    if tcfg.aux_loss != "none" and cfg.sparsifier == "relu_l1":
+        pass  # allowed: the auxiliary losses only need pre-activations and a residual
+
+
+__all__ = [
+    "SAEConfig",
+    "TrainConfig",
+    "ConfigError",
+    "SPARSIFIERS",
+    "AUX_LOSSES",
+    "BATCH_RULES",
+    "FEATURE_CHOICE_RULES",
+    "MUTUAL_CHOICE_RULES",
+    "resolve_lr",
+    "resolve_k_aux",
+    "check_compatible",
+]

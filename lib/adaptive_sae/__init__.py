@@ -20,9 +20,9 @@ __version__ = "0.1.0"
 # Heavier modules load on first use so `import adaptive_sae` stays fast.
 _LAZY = {
     "SparseAutoencoder": ("sae", "SparseAutoencoder"),
-    "train": ("train", "train"),
-    "TrainRun": ("train", "TrainRun"),
-    "NonFiniteError": ("train", "NonFiniteError"),
+    "train": ("trainer", "train"),
+    "TrainRun": ("trainer", "TrainRun"),
+    "NonFiniteError": ("trainer", "NonFiniteError"),
     "evaluate": ("metrics", "evaluate"),
     "sparsifiers": ("sparsifiers", None),
     "zipf": ("zipf", None),

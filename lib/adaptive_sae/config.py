@@ -158,11 +158,11 @@ class TrainConfig(_JsonMixin):
     """Steps between refits of the Zipf law (and the underutilised set)."""
     demand_rerank_every: int = 25
     """Steps between re-rankings of Zipf capacities by demand (capacity_ranking='demand')."""
-    l1_coefficient: float = 1e-3
-    """relu_l1 only: initial L1 coefficient lambda."""
-    l1_adapt_rate: float = 0.02
-    """relu_l1 only: lambda <- lambda * exp(rate * (L0 / k - 1)) each step, steering mean L0 to
-    k so the baseline is compared at equal sparsity; 0 keeps lambda fixed."""
+    l1_coefficient: float = 1e-2
+    """relu_l1 only: initial L1 coefficient lambda (the loss is NMSE + lambda * mean L1)."""
+    l1_adapt_rate: float = 0.01
+    """relu_l1 only: lambda <- lambda * exp(rate * clip(log(L0 / k), -1, 1)) each step, steering
+    the mean L0 to k so the baseline is compared at equal sparsity; 0 keeps lambda fixed."""
     init_sample_tokens: int = 8192
     """Tokens used to estimate the input scale and initialise b_dec."""
     seed: int = 0

@@ -1,0 +1,270 @@
+"""The SAE and its trainer: configs, unit-norm decoder, save/load, thresholds, exact resume,
+non-finite handling."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import adaptive_sae as asae
+import pytest
+import torch
+from adaptive_sae.config import ConfigError, check_compatible
+
+RULES = ["topk", "feature_choice", "feature_choice_zipf", "mutual_choice", "relu_l1"]
+
+
+def _data(n=4096, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(64, d, generator=g)
+    acts = (torch.rand(n, 64, generator=g) < 0.06) * torch.rand(n, 64, generator=g)
+    return acts @ feats + 0.01 * torch.randn(n, d, generator=g)
+
+
+def _cfgs(rule="mutual_choice", aux="none", **kw):
+    cfg = asae.SAEConfig(d_in=16, n_features=64, sparsifier=rule, k=4)
+    params = dict(
+        batch_size=128,
+        total_tokens=128 * 24,
+        lr=3e-3,
+        aux_loss=aux,
+        log_every=4,
+        dead_window_tokens=512,
+        density_window_tokens=512,
+        zipf_refit_every=5,
+    )
+    return cfg, asae.TrainConfig(**{**params, **kw})
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(d_in=8, n_features=16, k=17), "k=17 exceeds n_features=16"),
+        (dict(d_in=8, n_features=16, k=0), "k=0"),
+        (dict(d_in=8, n_features=16, k=-2), "k=-2"),
+        (dict(d_in=8, n_features=16, sparsifier="nope"), "sparsifier='nope'.*topk"),
+        (dict(d_in=0, n_features=16), "d_in=0"),
+        (dict(d_in=8, n_features=16, k=2.5), "integer k"),
+        (dict(d_in=8, n_features=16, input_scaling="x"), "input_scaling"),
+    ],
+)
+def test_sae_config_errors(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        asae.SAEConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(aux_loss="aux_q"), "aux_loss='aux_q'"),
+        (dict(batch_size=0), "batch_size=0"),
+        (dict(batch_size=64, total_tokens=10), "total_tokens=10"),
+        (dict(gamma=0.0), "gamma"),
+        (dict(warmup_fraction=0.7, decay_fraction=0.5), "lower one"),
+        (dict(lr=-1.0), "lr=-1.0"),
+    ],
+)
+def test_train_config_errors(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        asae.TrainConfig(**kwargs)
+
+
+def test_feature_choice_budget_error_names_the_fix():
+    cfg = asae.SAEConfig(d_in=8, n_features=512, sparsifier="feature_choice", k=4)
+    with pytest.raises(ConfigError, match="raise batch_size to at least 128"):
+        check_compatible(cfg, asae.TrainConfig(batch_size=64, total_tokens=640))
+
+
+def test_config_json_round_trip():
+    cfg, tcfg = _cfgs()
+    assert asae.SAEConfig.from_json(cfg.to_json()) == cfg
+    assert asae.TrainConfig.from_json(tcfg.to_json()) == tcfg
+    with pytest.raises(ConfigError, match="no field"):
+        asae.SAEConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_training_every_rule(rule, tmp_path):
+    x = _data()
+    cfg, tcfg = _cfgs(rule, aux="aux_zipf")
+    run = asae.train(cfg, tcfg, x)
+    sae = run.sae
+    # decoder rows stay unit-norm
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(64), atol=1e-5)
+    assert run.history["step"].iloc[-1] == tcfg.n_steps
+    assert {"nmse", "l0_mean", "l0_std", "dead_frac", "underutilised_frac", "lr"} <= set(
+        run.history.columns
+    )
+    res = asae.evaluate(sae, x, rule="train")
+    if rule == "relu_l1":  # starts far from sparse (all-positive codes); just check it learns
+        assert run.history["nmse"].iloc[-1] < 0.5 * run.history["nmse"].iloc[0]
+    else:
+        assert res["nmse"] < 0.9
+        assert res["l0_mean"] <= cfg.k + 1e-6  # the budget is never exceeded
+    inf = asae.evaluate(sae, x, rule="inference")
+    assert 0 <= inf["nmse"] < 1.5
+    # save/load round trip keeps every tensor and both rules' outputs
+    sae.save(tmp_path / "sae")
+    loaded = asae.SparseAutoencoder.load(tmp_path / "sae")
+    for name, t in sae.state_dict().items():
+        assert torch.equal(t.nan_to_num(), loaded.state_dict()[name].nan_to_num()), name
+    assert torch.equal(sae.encode(x[:128], rule="train"), loaded.encode(x[:128], rule="train"))
+    assert torch.equal(sae.reconstruct(x[:50]), loaded.reconstruct(x[:50]))
+
+
+def test_feature_choice_has_no_dead_feature_and_varies_per_token():
+    x = _data()
+    cfg, tcfg = _cfgs("feature_choice")
+    run = asae.train(cfg, tcfg, x)
+    res = asae.evaluate(run.sae, x, rule="train")
+    assert res["dead_fraction"] == 0.0
+    assert res["l0_std"] > 0.5
+
+
+def test_encode_decode_shapes_and_units():
+    x = _data()
+    cfg, tcfg = _cfgs("topk")
+    sae = asae.train(cfg, tcfg, x).sae
+    codes = sae.encode(x[:10].reshape(2, 5, 16), rule="inference")
+    assert codes.shape == (2, 5, 64)
+    assert torch.allclose(sae.decode(codes), sae.reconstruct(x[:10]).reshape(2, 5, 16), atol=1e-5)
+    with pytest.raises(ValueError, match="d_in=16"):
+        sae.encode(torch.zeros(3, 7))
+
+
+def test_inference_threshold_needs_training():
+    cfg = asae.SAEConfig(d_in=16, n_features=64, sparsifier="mutual_choice", k=4)
+    sae = asae.SparseAutoencoder(cfg)
+    with pytest.raises(RuntimeError, match="no inference threshold"):
+        sae.encode(torch.randn(4, 16), rule="inference")
+
+
+def test_thresholds_track_selection():
+    x = _data()
+    for rule in ("mutual_choice", "feature_choice"):
+        cfg, tcfg = _cfgs(rule)
+        sae = asae.train(cfg, tcfg, x).sae
+        tr = asae.evaluate(sae, x, rule="train")
+        inf = asae.evaluate(sae, x, rule="inference")
+        # the per-token rule spends about the same budget as the batch rule
+        assert abs(inf["l0_mean"] - tr["l0_mean"]) < 0.5 * cfg.k, rule
+
+
+def test_runs_are_bit_for_bit_repeatable():
+    x = _data()
+    cfg, tcfg = _cfgs("feature_choice_zipf", aux="aux_k")
+    a = asae.train(cfg, tcfg, x).sae.state_dict()
+    b = asae.train(cfg, tcfg, x).sae.state_dict()
+    assert _same_state(a, b)
+
+
+def _same_state(a: dict, b: dict) -> bool:
+    """Bit-for-bit equality of two state dicts (NaN buffers of unused thresholds compare equal)."""
+    return a.keys() == b.keys() and all(
+        torch.equal(a[k].nan_to_num(), b[k].nan_to_num()) for k in a
+    )
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    "rule, aux", [("mutual_choice", "aux_zipf"), ("feature_choice_zipf", "aux_k")]
+)
+def test_resume_equals_uninterrupted(rule, aux, tmp_path):
+    x = _data()
+    cfg, tcfg = _cfgs(rule, aux=aux, checkpoint_every=5)
+    full = asae.train(cfg, tcfg, x)
+
+    def interrupt(step, row):
+        if step == 12:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        asae.train(cfg, tcfg, x, checkpoint_dir=tmp_path, callback=interrupt)
+    assert (tmp_path / "latest").read_text() == "step_00000010"
+    resumed = asae.train(cfg, tcfg, x, resume_from=tmp_path)
+    assert _same_state(full.sae.state_dict(), resumed.sae.state_dict())
+    assert full.history.equals(resumed.history)
+
+
+def test_resume_after_kill(tmp_path):
+    """A run killed with SIGKILL part-way resumes to the same weights."""
+    script = textwrap.dedent(
+        f"""
+        import sys, time, torch
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_training import _data, _cfgs
+        import adaptive_sae as asae
+        cfg, tcfg = _cfgs("mutual_choice", checkpoint_every=2)
+        def slow(step, row):
+            if step >= 6:
+                time.sleep(0.5)
+        asae.train(cfg, tcfg, _data(), checkpoint_dir=sys.argv[1], callback=slow)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)])
+    deadline = time.time() + 60
+    while time.time() < deadline and not (tmp_path / "step_00000008").exists():
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (tmp_path / "latest").exists()
+    step = int((tmp_path / "latest").read_text().split("_")[1])
+    cfg, tcfg = _cfgs("mutual_choice", checkpoint_every=2)
+    assert 0 < step < tcfg.n_steps
+    resumed = asae.train(cfg, tcfg, _data(), resume_from=tmp_path)
+    full = asae.train(cfg, tcfg, _data())
+    assert _same_state(full.sae.state_dict(), resumed.sae.state_dict())
+
+
+def test_non_finite_activations_stop_with_checkpoint(tmp_path):
+    x = _data()
+    x[128 * 7 + 3, 2] = float("nan")  # inside the batch of step 7
+    cfg, tcfg = _cfgs("topk", init_sample_tokens=256)
+    batches = [x[i * 128 : (i + 1) * 128] for i in range(tcfg.n_steps)]
+    with pytest.raises(asae.NonFiniteError, match="step 7: the batch holds non-finite") as err:
+        asae.train(cfg, tcfg, batches, checkpoint_dir=tmp_path)
+    assert "saved in" in str(err.value)
+    state = json.loads((tmp_path / "step_00000007" / "trainer_state.json").read_text())
+    assert state["step"] == 7
+    sae = asae.SparseAutoencoder.load(tmp_path / "step_00000007")
+    for p in sae.parameters():
+        assert bool(torch.isfinite(p).all())
+
+
+def test_nan_loss_stops(tmp_path):
+    # unscaled inputs of norm ~1e25: squared errors overflow float32, the loss becomes inf
+    cfg = asae.SAEConfig(d_in=16, n_features=64, sparsifier="topk", k=4, input_scaling="none")
+    _, tcfg = _cfgs("topk")
+    with pytest.raises(asae.NonFiniteError, match=r"step 0: the loss is (inf|nan)"):
+        asae.train(cfg, tcfg, _data() * 1e25, checkpoint_dir=tmp_path)
+    assert (tmp_path / "step_00000000" / "sae.safetensors").exists()
+
+
+def test_bad_data_errors():
+    cfg, tcfg = _cfgs()
+    with pytest.raises(ValueError, match=r"\(N, d_in=16\)"):
+        asae.train(cfg, tcfg, torch.zeros(1000, 8))
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        asae.train(cfg, tcfg, torch.zeros(100, 16))
+    with pytest.raises(ValueError, match="expected \\(128, 16\\)"):
+        asae.train(cfg, tcfg, [torch.zeros(64, 16)] * 40)
+    with pytest.raises(ValueError, match="ran out after"):
+        asae.train(cfg, tcfg, [torch.randn(128, 16)] * 5)
+    with pytest.raises(TypeError, match="activation source"):
+        asae.train(cfg, tcfg, 42)
+
+
+def test_trains_on_a_source():
+    from adaptive_sae.data import activation_source
+
+    src = activation_source("synthetic", d_in=16, n_true_features=64, k_true=3, seed=1)
+    cfg, tcfg = _cfgs("topk")
+    run = asae.train(cfg, tcfg, src)
+    assert asae.evaluate(run.sae, src.held_out(1024))["nmse"] < 1.0

@@ -162,6 +162,7 @@ class _Trainer:
                 from . import kernels
 
                 self._fast = kernels
+                self._ws = kernels.Workspace()  # the B×F affinities reused across steps
             except ImportError:
                 self._fast = None
 
@@ -215,12 +216,10 @@ class _Trainer:
         """Returns (x_hat_s, P detached, selected flat indices, P with grad or None)."""
         sae = self.sae
         if self._fast is not None:
-            with torch.no_grad():
-                P = sae.pre_acts(x_s)
-            idx = sae.select(P)
-            x_hat = self._fast.sparse_reconstruct(
-                x_s, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, idx
-            )[0]
+            k = self._fast
+            P = k.affinities(x_s, sae.W_enc, sae.b_enc, sae.b_dec, self._ws)  # no grad
+            idx = k.select(sae, P, self._ws)
+            x_hat = k.sparse_reconstruct(x_s, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, idx, P)[0]
             return x_hat, P, idx, None
         P = sae.pre_acts(x_s)
         idx = sae.select(P.detach())

@@ -25,21 +25,11 @@ from torch import Tensor, nn
 
 from . import sparsifiers, zipf
 from .config import FEATURE_CHOICE_RULES, MUTUAL_CHOICE_RULES, ConfigError, SAEConfig
+from .results import atomic_write_bytes
 
 Rule = Literal["train", "inference"]
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "cfg.json"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file atomically: a temporary file in the same folder, then rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def atomic_save_tensors(tensors: dict[str, Tensor], path: Path) -> None:

@@ -12,7 +12,6 @@ import nbformat
 import pandas as pd
 import pytest
 import yaml
-
 from adaptive_sae import results, sweep
 
 STAND_IN_PARAMETERS = """\
@@ -126,13 +125,13 @@ def test_mean_std_aggregation():
     df = pd.DataFrame(
         {"rule": ["a", "a", "b"], "seed": [0, 1, 0], "nmse": [0.1, 0.3, 0.5], "l0": [4, 4, 6]}
     )
-    out = sweep.mean_std(df, ["rule"]).set_index("rule")
+    out = results.mean_std(df, ["rule"]).set_index("rule")
     assert out.loc["a", "nmse_mean"] == pytest.approx(0.2)
     assert out.loc["a", "nmse_std"] == pytest.approx(math.sqrt(0.02))
     assert math.isnan(out.loc["b", "nmse_std"]) and out.loc["b", "n"] == 1
     assert "seed_mean" not in out.columns
-    assert sweep.format_mean_std(0.2, 0.14142) == "0.2 ± 0.14"
-    assert sweep.format_mean_std(0.5, float("nan")) == "0.5"
+    assert results.format_mean_std(0.2, 0.14142) == "0.2 ± 0.14"
+    assert results.format_mean_std(0.5, float("nan")) == "0.5"
 
 
 # ----------------------------------------------------------------------------- execution

@@ -27,7 +27,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -210,6 +210,71 @@ def write_csv(path: str | os.PathLike, df) -> Path:
     return atomic_write_text(path, df.to_csv(index=False, float_format="%.8g"))
 
 
+# ----------------------------------------------------------------------------- tables
+
+
+def _numeric_columns(df, exclude: Sequence[str]) -> list[str]:
+    import pandas as pd
+
+    return [
+        c
+        for c in df.columns
+        if c not in exclude
+        and pd.api.types.is_numeric_dtype(df[c])
+        and not pd.api.types.is_bool_dtype(df[c])
+    ]
+
+
+def mean_std(df, by: Sequence[str], metrics: Sequence[str] | None = None, seed_col: str = "seed"):
+    """Group ``df`` by ``by`` and give ``<metric>_mean``, ``<metric>_std`` (sample std across
+    rows, NaN for a single row) and ``n`` (rows: seeds) for each metric column."""
+    import pandas as pd
+
+    by = [c for c in by if c in df.columns]
+    metrics = list(metrics) if metrics else _numeric_columns(df, [*by, seed_col])
+    if df.empty:
+        return pd.DataFrame(
+            columns=[*by, *[f"{m}_{s}" for m in metrics for s in ("mean", "std")], "n"]
+        )
+    keyed = df.copy()
+    for c in by:  # lists (e.g. widths) cannot be group keys
+        keyed[c] = keyed[c].map(lambda v: format_value(v) if isinstance(v, (list, dict)) else v)
+    grouped = keyed.groupby(by, dropna=False, sort=False) if by else keyed.groupby(lambda _: 0)
+    rows = []
+    for key, g in grouped:
+        key = key if isinstance(key, tuple) else (key,)
+        row = dict(zip(by, key)) if by else {}
+        for m in metrics:
+            values = pd.to_numeric(g[m], errors="coerce")
+            row[f"{m}_mean"] = values.mean()
+            row[f"{m}_std"] = values.std(ddof=1) if values.count() > 1 else float("nan")
+        row["n"] = len(g)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def format_mean_std(mean: float, std: float, digits: int = 3) -> str:
+    """``0.1234, 0.0056`` -> ``0.123 ± 0.0056``; a single value has no ``±`` part."""
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "n/a"
+    if std is None or (isinstance(std, float) and math.isnan(std)):
+        return f"{mean:.{digits}g}"
+    return f"{mean:.{digits}g} ± {std:.2g}"
+
+
+def summary_markdown(summary, by: Sequence[str]) -> str:
+    """A Markdown table of a :func:`mean_std` result, cells spelled ``mean ± std``."""
+    metrics = [c[: -len("_mean")] for c in summary.columns if c.endswith("_mean")]
+    header = [*by, *metrics, "n"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for _, row in summary.iterrows():
+        cells = [str(row[c]) for c in by]
+        cells += [format_mean_std(row[f"{m}_mean"], row[f"{m}_std"]) for m in metrics]
+        cells.append(str(int(row["n"])))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 # ----------------------------------------------------------------------------- provenance
 
 
@@ -386,11 +451,12 @@ class ResultsDir:
     def load_metrics(self) -> dict[str, Any]:
         return read_json(self.path / "metrics.json")
 
-    def save_figure(self, fig, name: str, formats: Iterable[str] = ("png", "svg"), dpi: int = 150):
+    def save_figure(
+        self, fig, name: str, formats: Iterable[str] = ("png", "svg"), dpi: int = 150
+    ) -> None:
         """``<name>.png`` and ``<name>.svg`` from a matplotlib figure (written atomically)."""
         import io
 
-        written = []
         for fmt in formats:
             buf = io.BytesIO()
             save_kwargs: dict[str, Any] = {"format": fmt, "bbox_inches": "tight"}
@@ -399,10 +465,7 @@ class ResultsDir:
             if fmt == "svg":
                 save_kwargs["metadata"] = {"Date": None}  # reproducible bytes
             fig.savefig(buf, **save_kwargs)
-            written.append(
-                self._record(atomic_write_bytes(self.path / f"{name}.{fmt}", buf.getvalue()))
-            )
-        return written
+            self._record(atomic_write_bytes(self.path / f"{name}.{fmt}", buf.getvalue()))
 
     def save_provenance(self, parameters: Mapping[str, Any], **kwargs: Any) -> Path:
         """``provenance.json``: see :func:`provenance`."""
@@ -414,6 +477,9 @@ class ResultsDir:
 
 
 __all__ = [
+    "format_mean_std",
+    "mean_std",
+    "summary_markdown",
     "RESULTS_ENV",
     "ResultsDir",
     "atomic_write_bytes",

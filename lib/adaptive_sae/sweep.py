@@ -42,7 +42,6 @@ import argparse
 import hashlib
 import itertools
 import json
-import math
 import os
 import subprocess
 import sys
@@ -469,70 +468,6 @@ def run_sweep(
 # ----------------------------------------------------------------------------- aggregation
 
 
-def _numeric_columns(df, exclude: Sequence[str]) -> list[str]:
-    import pandas as pd
-
-    return [
-        c
-        for c in df.columns
-        if c not in exclude
-        and pd.api.types.is_numeric_dtype(df[c])
-        and not pd.api.types.is_bool_dtype(df[c])
-    ]
-
-
-def mean_std(df, by: Sequence[str], metrics: Sequence[str] | None = None, seed_col: str = "seed"):
-    """Group ``df`` by ``by`` and give ``<metric>_mean``, ``<metric>_std`` (sample std across
-    rows, NaN for a single row) and ``n`` (rows: seeds) for each metric column."""
-    import pandas as pd
-
-    by = [c for c in by if c in df.columns]
-    metrics = list(metrics) if metrics else _numeric_columns(df, [*by, seed_col])
-    if df.empty:
-        return pd.DataFrame(
-            columns=[*by, *[f"{m}_{s}" for m in metrics for s in ("mean", "std")], "n"]
-        )
-    keyed = df.copy()
-    for c in by:  # lists (e.g. widths) cannot be group keys
-        keyed[c] = keyed[c].map(
-            lambda v: _results.format_value(v) if isinstance(v, (list, dict)) else v
-        )
-    grouped = keyed.groupby(by, dropna=False, sort=False) if by else keyed.groupby(lambda _: 0)
-    rows = []
-    for key, g in grouped:
-        key = key if isinstance(key, tuple) else (key,)
-        row = dict(zip(by, key)) if by else {}
-        for m in metrics:
-            values = pd.to_numeric(g[m], errors="coerce")
-            row[f"{m}_mean"] = values.mean()
-            row[f"{m}_std"] = values.std(ddof=1) if values.count() > 1 else float("nan")
-        row["n"] = len(g)
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def format_mean_std(mean: float, std: float, digits: int = 3) -> str:
-    """``0.1234, 0.0056`` -> ``0.123 ± 0.0056``; a single value has no ``±`` part."""
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
-        return "n/a"
-    if std is None or (isinstance(std, float) and math.isnan(std)):
-        return f"{mean:.{digits}g}"
-    return f"{mean:.{digits}g} ± {std:.2g}"
-
-
-def summary_markdown(summary, by: Sequence[str]) -> str:
-    """A Markdown table of a :func:`mean_std` result, cells spelled ``mean ± std``."""
-    metrics = [c[: -len("_mean")] for c in summary.columns if c.endswith("_mean")]
-    header = [*by, *metrics, "n"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for _, row in summary.iterrows():
-        cells = [str(row[c]) for c in by]
-        cells += [format_mean_std(row[f"{m}_mean"], row[f"{m}_std"]) for m in metrics]
-        cells.append(str(int(row["n"])))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -613,7 +548,7 @@ def aggregate(sweep: Sweep) -> Path | None:
     ]
     by = [*grid_keys, *sweep.aggregate.get("by", [])]
     metrics = sweep.aggregate.get("metrics")
-    summary = mean_std(rows, by, metrics, seed_col="seed")
+    summary = _results.mean_std(rows, by, metrics, seed_col="seed")
     drop = {"point"}
     summary = summary[[c for c in summary.columns if c not in drop]]
     _results.write_csv(out / "points.csv", rows)
@@ -621,7 +556,7 @@ def aggregate(sweep: Sweep) -> Path | None:
     title = f"# {sweep.name}: mean ± std across seeds\n\n"
     _results.atomic_write_text(
         out / "summary.md",
-        title + summary_markdown(summary, [c for c in by if c in summary.columns]),
+        title + _results.summary_markdown(summary, [c for c in by if c in summary.columns]),
     )
     return path
 

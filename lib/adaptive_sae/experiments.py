@@ -1,0 +1,602 @@
+"""Experiment-level functions the notebooks call (DESIGN §9): train a grid of rules x seeds and
+return tidy tables, aggregate across seeds, measure step times. No algorithm lives in a notebook;
+none lives here either: this module only composes the library (``train``, ``evaluate``,
+``sparsifiers``, ``zipf``, the sources) into experiments and flattens what they return into
+pandas tables, one row per trained SAE.
+
+    from adaptive_sae import experiments as ex
+    src = ex.make_source("synthetic", seed=0, synthetic={"d_in": 64, "k_true": 8})
+    data = ex.collect_tokens(src, 200_000)
+    ev = ex.EvalSet.from_source(src, 8192)
+    grid = ex.train_grid(data, rules=["topk", "mutual_choice"], seeds=[0, 1], k_values=[8],
+                         widths=[512], batch_size=1024, total_tokens=200_000, eval_set=ev)
+    ex.summarise(grid.table, ["rule", "k"], ["nmse", "l0_mean", "dead_pct"])
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import results, sparsifiers, zipf
+from .config import FEATURE_CHOICE_RULES, SAEConfig, TrainConfig
+from .metrics import evaluate
+from .trainer import TrainRun, train
+
+RULES = (
+    "topk",
+    "batch_topk",
+    "mutual_choice",
+    "feature_choice",
+    "feature_choice_zipf",
+    "relu_l1",
+)
+"""Every allocation rule the suite compares (BatchTopK by its own name: at training time it is
+Mutual Choice, and the suite checks that they agree)."""
+
+SCALAR_METRICS = (
+    "nmse",
+    "l0_mean",
+    "l0_std",
+    "dead_pct",
+    "underutilised_pct",
+    "zipf_alpha",
+    "zipf_beta",
+    "zipf_r2",
+)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def make_source(
+    source: str = "synthetic",
+    *,
+    seed: int = 0,
+    synthetic: Mapping[str, Any] | None = None,
+    lm: Mapping[str, Any] | None = None,
+):
+    """An activation source by name. ``synthetic`` holds the ground-truth parameters
+    (``SyntheticConfig``: d_in, n_true_features, k_true, zipf_exponent, busyness_sigma, ...),
+    used only for the synthetic source; ``lm`` the parameters of a language-model source
+    ("tiny", "gpt2"), used only for those."""
+    from .data import activation_source
+
+    if source == "synthetic":
+        return activation_source("synthetic", seed=seed, **dict(synthetic or {}))
+    params = dict(lm or {})
+    params.setdefault("seed", seed)
+    try:
+        return activation_source(source, **params)
+    except TypeError:  # a source without a seed parameter
+        params.pop("seed")
+        return activation_source(source, **params)
+
+
+def collect_tokens(source, n_tokens: int, chunk: int = 4096) -> torch.Tensor:
+    """The first ``n_tokens`` training activations of a source as one (n, d) float32 tensor.
+
+    Training many SAEs on one tensor costs the source once (the trainer reshuffles it each
+    epoch from the run's seed) instead of once per SAE."""
+    if n_tokens < 1:
+        raise ValueError(f"n_tokens={n_tokens} must be >= 1.")
+    parts, have = [], 0
+    for batch in source.batches(chunk):
+        parts.append(batch[: n_tokens - have])
+        have += parts[-1].shape[0]
+        if have >= n_tokens:
+            break
+    return torch.cat(parts).float()
+
+
+@dataclass
+class EvalSet:
+    """Held-out activations, with their ground truth when the source is synthetic."""
+
+    x: torch.Tensor
+    """(N, d) held-out activations (never seen in training)."""
+    n_active: torch.Tensor | None = None
+    """(N,) true number of active features per token (synthetic only)."""
+    true_features: torch.Tensor | None = None
+    """(F_true, d) true feature directions (synthetic only)."""
+    difficulty: np.ndarray | None = None
+    """(N,) a per-token difficulty from a language model (e.g. its loss), when available."""
+
+    @classmethod
+    def from_source(cls, source, n_tokens: int) -> EvalSet:
+        if hasattr(source, "sample_with_truth"):
+            s = source.sample_with_truth(n_tokens)
+            return cls(s.x, s.n_active, source.true_features)
+        return cls(source.held_out(n_tokens))
+
+
+# ----------------------------------------------------------------------------- one SAE
+
+
+@dataclass
+class Trained:
+    """One trained SAE with the settings that made it."""
+
+    rule: str
+    k: float
+    n_features: int
+    seed: int
+    aux_loss: str
+    input_scaling: str
+    run: TrainRun
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def key(self) -> dict[str, Any]:
+        return {
+            "rule": self.rule,
+            "k": self.k,
+            "n_features": self.n_features,
+            "aux_loss": self.aux_loss,
+            "input_scaling": self.input_scaling,
+            "seed": self.seed,
+            **self.extra,
+        }
+
+
+def train_one(
+    data,
+    rule: str,
+    *,
+    k: float,
+    n_features: int,
+    seed: int,
+    batch_size: int,
+    total_tokens: int,
+    aux_loss: str = "none",
+    input_scaling: str = "global",
+    lr: float | None = None,
+    sae_kwargs: Mapping[str, Any] | None = None,
+    train_kwargs: Mapping[str, Any] | None = None,
+    d_in: int | None = None,
+) -> Trained:
+    """Train one SAE with the library's recipe; ``sae_kwargs``/``train_kwargs`` pass any other
+    ``SAEConfig``/``TrainConfig`` field."""
+    if d_in is None:
+        d_in = int(data.shape[1]) if isinstance(data, torch.Tensor) else int(data.d_in)
+    cfg = SAEConfig(
+        d_in=d_in,
+        n_features=n_features,
+        sparsifier=rule,
+        k=k,
+        input_scaling=input_scaling,
+        **dict(sae_kwargs or {}),
+    )
+    tcfg = TrainConfig(
+        batch_size=batch_size,
+        total_tokens=total_tokens,
+        aux_loss=aux_loss,
+        seed=seed,
+        lr=lr,
+        **dict(train_kwargs or {}),
+    )
+    t0 = time.perf_counter()
+    run = train(cfg, tcfg, data)
+    return Trained(
+        rule, k, n_features, seed, aux_loss, input_scaling, run, time.perf_counter() - t0
+    )
+
+
+def evaluate_trained(
+    trained: Trained, eval_set: EvalSet, *, rules: Sequence[str] = ("train", "inference")
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Scalar metrics of one SAE on held-out tokens under the training rule (batches of the
+    training size) and the per-token inference rule; ground-truth recovery on synthetic data.
+
+    Returns (row, arrays): ``row`` maps metric names to numbers (inference-rule ones end in
+    ``_inference``; percentages end in ``_pct``); ``arrays`` holds per-feature ``densities``
+    and per-token ``l0`` of each rule."""
+    sae = trained.run.sae
+    row: dict[str, Any] = {**trained.key(), "train_seconds": trained.seconds}
+    arrays: dict[str, Any] = {}
+    for rule in rules:
+        res = evaluate(sae, eval_set.x, rule=rule)
+        suffix = "" if rule == "train" else "_inference"
+        for name in ("nmse", "l0_mean", "l0_std", "zipf_alpha", "zipf_beta", "zipf_r2"):
+            row[name + suffix] = res[name]
+        row["dead_pct" + suffix] = 100.0 * res["dead_fraction"]
+        row["underutilised_pct" + suffix] = 100.0 * res["underutilised_fraction"]
+        arrays["densities" + suffix] = res["densities"]
+        arrays["l0" + suffix] = res["l0_per_token"]
+        if eval_set.n_active is not None:
+            from .data.synthetic import l0_rank_correlation
+
+            n = len(res["l0_per_token"])
+            row["l0_rank_correlation" + suffix] = l0_rank_correlation(
+                res["l0_per_token"], eval_set.n_active[:n]
+            )
+    if eval_set.true_features is not None:
+        from .data.synthetic import fraction_recovered, mean_max_cosine
+
+        row["mean_max_cosine"] = mean_max_cosine(sae.W_dec, eval_set.true_features)
+        row["fraction_recovered"] = fraction_recovered(sae.W_dec, eval_set.true_features)
+    hist = trained.run.history
+    if len(hist):
+        row["final_train_nmse"] = float(hist["nmse"].iloc[-1])
+        row["max_dead_pct_during_training"] = 100.0 * float(hist["dead_frac"].max())
+    return row, arrays
+
+
+# ----------------------------------------------------------------------------- grids
+
+
+@dataclass
+class Grid:
+    """What :func:`train_grid` returns: one table row per trained SAE, the concatenated
+    training histories, per-feature densities and per-token L0 (long tables), and the runs."""
+
+    table: pd.DataFrame
+    histories: pd.DataFrame
+    densities: pd.DataFrame
+    l0: pd.DataFrame
+    runs: list[Trained]
+
+
+def train_grid(
+    data,
+    *,
+    rules: Sequence[str],
+    seeds: Sequence[int],
+    k_values: Sequence[float] = (8,),
+    widths: Sequence[int] = (512,),
+    aux_losses: Sequence[str] = ("none",),
+    input_scalings: Sequence[str] = ("global",),
+    batch_size: int = 1024,
+    total_tokens: int = 200_000,
+    eval_set: EvalSet | None = None,
+    lr: float | None = None,
+    sae_kwargs: Mapping[str, Any] | None = None,
+    train_kwargs: Mapping[str, Any] | None = None,
+    keep_runs: bool = False,
+    keep_l0: bool = False,
+    progress: bool = True,
+) -> Grid:
+    """Train every combination of rule x k x width x auxiliary loss x input scaling x seed on
+    the same data, evaluate each on ``eval_set``, and return tidy tables (:class:`Grid`)."""
+    from tqdm.auto import tqdm
+
+    combos = list(itertools.product(input_scalings, widths, k_values, aux_losses, rules, seeds))
+    rows, hists, dens, l0s, kept = [], [], [], [], []
+    for scaling, width, k, aux, rule, seed in tqdm(
+        combos, desc="training SAEs", unit="SAE", disable=not progress
+    ):
+        trained = train_one(
+            data,
+            rule,
+            k=k,
+            n_features=width,
+            seed=seed,
+            batch_size=batch_size,
+            total_tokens=total_tokens,
+            aux_loss=aux,
+            input_scaling=scaling,
+            lr=lr,
+            sae_kwargs=sae_kwargs,
+            train_kwargs=train_kwargs,
+        )
+        key = trained.key()
+        h = trained.run.history.rename(columns={"aux_loss": "aux_loss_value"})
+        for name, value in reversed(list(key.items())):
+            h.insert(0, name, value)
+        hists.append(h)
+        if eval_set is not None:
+            row, arrays = evaluate_trained(trained, eval_set)
+            rows.append(row)
+            dens.append(
+                pd.DataFrame({**key, "feature": np.arange(width), "density": arrays["densities"]})
+            )
+            if keep_l0:
+                frame = {**key, "token": np.arange(len(arrays["l0"])), "l0": arrays["l0"]}
+                n = len(arrays["l0"])
+                if len(arrays.get("l0_inference", [])) >= n:
+                    frame["l0_inference"] = arrays["l0_inference"][:n]
+                if eval_set.n_active is not None:
+                    frame["n_active"] = eval_set.n_active[:n].numpy()
+                if eval_set.difficulty is not None:
+                    frame["difficulty"] = np.asarray(eval_set.difficulty)[:n]
+                l0s.append(pd.DataFrame(frame))
+        else:
+            rows.append({**key, "train_seconds": trained.seconds})
+        if keep_runs:
+            kept.append(trained)
+        else:
+            del trained
+    cat = lambda frames: pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()  # noqa: E731
+    return Grid(pd.DataFrame(rows), cat(hists), cat(dens), cat(l0s), kept)
+
+
+def summarise(
+    table: pd.DataFrame, by: Sequence[str], metrics: Sequence[str] | None = None
+) -> pd.DataFrame:
+    """Mean, std (across seeds) and n of each metric, grouped by ``by``."""
+    return results.mean_std(table, by, metrics, seed_col="seed")
+
+
+def with_mean_std_text(summary: pd.DataFrame, metrics: Sequence[str], digits: int = 3):
+    """A copy of a :func:`summarise` table whose metric columns read ``mean ± std``."""
+    out = summary[[c for c in summary.columns if not c.endswith(("_mean", "_std"))]].copy()
+    for m in metrics:
+        out[m] = [
+            results.format_mean_std(a, b, digits)
+            for a, b in zip(summary[f"{m}_mean"], summary[f"{m}_std"])
+        ]
+    return out
+
+
+def seed_mean(table: pd.DataFrame, by: Sequence[str], metric: str) -> pd.Series:
+    """Mean of one metric across seeds, indexed by ``by`` (for claim cells)."""
+    return table.groupby(list(by))[metric].mean()
+
+
+# ----------------------------------------------------------------------------- allocation demo
+
+
+def demo_affinities(
+    n_tokens: int = 12, n_features: int = 16, seed: int = 0, busy_sigma: float = 0.8
+) -> torch.Tensor:
+    """A small affinity matrix P (B, F) for teaching: Gaussian affinities whose tokens differ in
+    scale (some tokens are busy: lognormal row scales) and whose features differ in popularity
+    (a Zipf-like column offset), so the rules visibly allocate differently."""
+    g = torch.Generator().manual_seed(seed)
+    row_scale = torch.exp(busy_sigma * torch.randn(n_tokens, 1, generator=g))  # (B, 1)
+    popularity = 1.0 / torch.arange(1, n_features + 1).float() ** 0.7  # (F,)
+    perm = torch.randperm(n_features, generator=g)
+    base = torch.randn(n_tokens, n_features, generator=g)  # (B, F)
+    return row_scale * (base + 1.5 * popularity[perm]) - 0.5
+
+
+def allocate(
+    P: torch.Tensor, k: float, zipf_alpha: float = 1.0, rules: Sequence[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """Codes (B, F) of each training rule on one affinity matrix at the same budget K = k·B.
+    Feature Choice capacities are uniform (``feature_choice``) or Zipf (``feature_choice_zipf``,
+    ranked by feature index)."""
+    B, F = P.shape
+    K = int(k * B)
+    out: dict[str, torch.Tensor] = {}
+    for rule in rules or ("topk", "mutual_choice", "feature_choice", "feature_choice_zipf"):
+        if rule == "topk":
+            out[rule] = sparsifiers.topk(P, int(k))
+        elif rule in ("mutual_choice", "batch_topk"):
+            out[rule] = sparsifiers.mutual_choice(P, k)
+        elif rule == "feature_choice":
+            out[rule] = sparsifiers.feature_choice(P, zipf.uniform_capacities(F, K, B))
+        elif rule == "feature_choice_zipf":
+            caps = zipf.zipf_capacities(F, K, B, alpha=zipf_alpha, min_capacity=int(K >= F))
+            out[rule] = sparsifiers.feature_choice(P, caps)
+        elif rule == "relu_l1":
+            out[rule] = sparsifiers.relu(P)
+        else:
+            raise ValueError(f"rule={rule!r} is not known; choose from {RULES}.")
+    return out
+
+
+def allocation_counts(codes: Mapping[str, torch.Tensor]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-token and per-feature match counts of each rule's codes: two long tables
+    (rule, token, matches) and (rule, feature, matches)."""
+    tok, feat = [], []
+    for rule, z in codes.items():
+        nz = (z > 0).long()
+        tok.append(
+            pd.DataFrame({"rule": rule, "token": np.arange(z.shape[0]), "matches": nz.sum(1)})
+        )
+        feat.append(
+            pd.DataFrame({"rule": rule, "feature": np.arange(z.shape[1]), "matches": nz.sum(0)})
+        )
+    return pd.concat(tok, ignore_index=True), pd.concat(feat, ignore_index=True)
+
+
+def allocation_summary(codes: Mapping[str, torch.Tensor], P: torch.Tensor) -> pd.DataFrame:
+    """One row per rule: matches spent, L0 mean/std/min/max across tokens, features left without
+    a match, and the share of the total positive affinity mass the selection captured."""
+    rows = []
+    positive = float(P.relu().sum())
+    for rule, z in codes.items():
+        nz = z > 0
+        per_tok = nz.sum(1).double()
+        rows.append(
+            {
+                "rule": rule,
+                "matches": int(nz.sum()),
+                "l0_mean": float(per_tok.mean()),
+                "l0_std": float(per_tok.std()),
+                "l0_min": int(per_tok.min()),
+                "l0_max": int(per_tok.max()),
+                "unused_features": int((nz.sum(0) == 0).sum()),
+                "affinity_captured": float(z.sum()) / positive if positive > 0 else float("nan"),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- Zipf fits
+
+
+def zipf_fits(
+    densities: pd.DataFrame,
+    by: Sequence[str] = ("rule", "seed"),
+    gamma: float = 0.5,
+    head_fraction: float = 0.5,
+    tail_fraction: float = 0.1,
+) -> pd.DataFrame:
+    """A Zipf–Mandelbrot fit per group of a long density table (columns ``by`` + ``density``):
+    alpha, beta, R² on the head, the share of features below gamma x the law (underutilised),
+    and the tail deviation: the median ratio density / law over the lowest ``tail_fraction``
+    of ranks (1 = on the law, below 1 = the tail falls under it), and the same over the head."""
+    rows = []
+    for key, g in densities.groupby(list(by), sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        rho = np.sort(g["density"].to_numpy(dtype=float))[::-1]
+        fit = zipf.fit_zipf(rho, head_fraction)
+        ranks = np.arange(1, rho.size + 1)
+        law = fit.predict(ranks)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(law > 0, rho / law, np.nan)
+        n_tail = max(1, int(round(tail_fraction * rho.size)))
+        n_head = max(1, fit.n_fit)
+        under = zipf.underutilised(torch.as_tensor(rho), gamma, fit)
+        rows.append(
+            {
+                **dict(zip(by, key)),
+                "zipf_alpha": fit.alpha,
+                "zipf_beta": fit.beta,
+                "zipf_r2": fit.r2,
+                "head_ratio_median": float(np.nanmedian(ratio[:n_head])),
+                "tail_ratio_median": float(np.nanmedian(ratio[-n_tail:])),
+                "underutilised_pct": 100.0 * float(under.double().mean()),
+                "dead_pct": 100.0 * float((rho == 0).mean()),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def zipf_curve(fit_row: Mapping[str, Any], n_features: int) -> np.ndarray:
+    """The fitted law at ranks 1..F from a row of :func:`zipf_fits` (scale matched to the sum
+    of densities is not stored; the curve is normalised to sum to 1)."""
+    r = np.arange(1, n_features + 1, dtype=float)
+    law = (r + fit_row["zipf_beta"]) ** (-fit_row["zipf_alpha"])
+    return law / law.sum()
+
+
+# ----------------------------------------------------------------------------- thresholds
+
+
+def batch_size_sensitivity(
+    trained: Trained, eval_set: EvalSet, batch_sizes: Iterable[int]
+) -> pd.DataFrame:
+    """NMSE and L0 of one SAE under the training rule evaluated in batches of each size, and
+    under the batch-independent inference rule (one row with ``eval_batch_size`` = 1)."""
+    rows = []
+    sae = trained.run.sae
+    n = eval_set.x.shape[0]
+    for b in batch_sizes:
+        if b > n:
+            continue
+        res = evaluate(sae, eval_set.x, rule="train", batch_size=int(b))
+        rows.append({"eval_rule": "train", "eval_batch_size": int(b), **_scalars(res)})
+    res = evaluate(sae, eval_set.x, rule="inference")
+    rows.append({"eval_rule": "inference", "eval_batch_size": 1, **_scalars(res)})
+    key = trained.key()
+    return pd.DataFrame([{**key, **r} for r in rows])
+
+
+def _scalars(res: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "nmse": res["nmse"],
+        "l0_mean": res["l0_mean"],
+        "l0_std": res["l0_std"],
+        "dead_pct": 100.0 * res["dead_fraction"],
+    }
+
+
+# ----------------------------------------------------------------------------- cost
+
+
+def time_steps(
+    rule: str,
+    n_features: int,
+    *,
+    data: torch.Tensor,
+    k: float = 8,
+    batch_size: int = 1024,
+    n_steps: int = 30,
+    warmup_steps: int = 5,
+    seed: int = 0,
+    train_kwargs: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Wall time per training step of one rule at one width (median over ``n_steps`` after
+    ``warmup_steps``), with the time of the dense encoder product B x d by d x F that every
+    rule must pay (DESIGN §10) measured beside it, and their ratio."""
+    d = int(data.shape[1])
+    if rule in FEATURE_CHOICE_RULES and int(k * batch_size) < n_features:
+        raise ValueError(
+            f"{rule} needs k * batch_size >= n_features ({k} * {batch_size} < {n_features}); "
+            f"raise batch_size for this width."
+        )
+    stamps: list[float] = []
+    cfg = SAEConfig(d_in=d, n_features=n_features, sparsifier=rule, k=k)
+    tcfg = TrainConfig(
+        batch_size=batch_size,
+        total_tokens=batch_size * (n_steps + warmup_steps),
+        seed=seed,
+        log_every=10**9,
+        **dict(train_kwargs or {}),
+    )
+    train(cfg, tcfg, data, callback=lambda step, row: stamps.append(time.perf_counter()))
+    steps = np.diff(np.asarray(stamps))[warmup_steps:]
+    x = data[:batch_size]
+    W = torch.randn(d, n_features)
+    dense = []
+    for _ in range(max(5, n_steps // 2)):
+        t0 = time.perf_counter()
+        _ = x @ W
+        dense.append(time.perf_counter() - t0)
+    step_ms = 1e3 * float(np.median(steps))
+    dense_ms = 1e3 * float(np.median(dense))
+    return {
+        "rule": rule,
+        "n_features": n_features,
+        "batch_size": batch_size,
+        "d_in": d,
+        "step_ms": step_ms,
+        "step_ms_p90": 1e3 * float(np.quantile(steps, 0.9)),
+        "dense_matmul_ms": dense_ms,
+        "ratio_to_dense": step_ms / dense_ms if dense_ms > 0 else float("nan"),
+    }
+
+
+def step_time_table(
+    rules: Sequence[str],
+    widths: Sequence[int],
+    *,
+    data: torch.Tensor,
+    repeats: int = 1,
+    progress: bool = True,
+    **kwargs: Any,
+) -> pd.DataFrame:
+    """:func:`time_steps` for every rule x width, the rules interleaved within each width and
+    repeated ``repeats`` times, so that a change in machine load hits every rule alike."""
+    from tqdm.auto import tqdm
+
+    combos = [(r, w, i) for i in range(repeats) for w in widths for r in rules]
+    rows = []
+    for rule, width, i in tqdm(combos, desc="timing steps", unit="run", disable=not progress):
+        rows.append({**time_steps(rule, width, data=data, **kwargs), "repeat": i})
+    return pd.DataFrame(rows)
+
+
+__all__ = [
+    "RULES",
+    "EvalSet",
+    "Grid",
+    "Trained",
+    "allocate",
+    "allocation_counts",
+    "allocation_summary",
+    "batch_size_sensitivity",
+    "collect_tokens",
+    "demo_affinities",
+    "evaluate_trained",
+    "make_source",
+    "seed_mean",
+    "step_time_table",
+    "summarise",
+    "time_steps",
+    "train_grid",
+    "train_one",
+    "with_mean_std_text",
+    "zipf_curve",
+    "zipf_fits",
+]

@@ -142,7 +142,10 @@ class _Trainer:
         self.sae.train_batch_size.fill_(tcfg.batch_size)
         self.base_lr = resolve_lr(tcfg, cfg.n_features)
         self.k_aux = resolve_k_aux(tcfg, cfg.d_in)
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.base_lr, betas=tcfg.adam_betas)
+        # fused: one pass over each parameter, no temporaries (CPU and CUDA)
+        self.opt = torch.optim.Adam(
+            self.sae.parameters(), lr=self.base_lr, betas=tcfg.adam_betas, fused=True
+        )
         self.stats = FeatureStats(
             cfg.n_features,
             tcfg.dead_window_tokens,

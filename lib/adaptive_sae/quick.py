@@ -37,11 +37,8 @@ from .trainer import train
 VARIANTS: dict[str, dict[str, Any]] = {
     "topk": {"sparsifier": "topk"},
     "feature_choice": {"sparsifier": "feature_choice"},
-    "feature_choice_zipf": {"sparsifier": "feature_choice_zipf", "capacity_ranking": "fixed"},
-    "feature_choice_zipf_demand": {
-        "sparsifier": "feature_choice_zipf",
-        "capacity_ranking": "demand",
-    },
+    "feature_choice_zipf": {"sparsifier": "feature_choice_zipf", "capacity_ranking": "demand"},
+    "feature_choice_zipf_fixed": {"sparsifier": "feature_choice_zipf", "capacity_ranking": "fixed"},
     "mutual_choice": {"sparsifier": "mutual_choice"},
     "mutual_choice_per_token": {"sparsifier": "mutual_choice", "input_scaling": "per_token"},
     "relu_l1": {"sparsifier": "relu_l1"},

@@ -12,7 +12,8 @@ rescaled so Σ_r ρ*(r) = Σ_j ρ_j (= mean L0).  A feature is underutilised whe
 Ranking Zipf capacities (``SAEConfig.capacity_ranking``): under Feature Choice a feature's
 density *is* its capacity, so ranking features by their own density never changes the order.
 ``fixed`` ranks by feature index (training moves the most common direction into the largest
-slot); ``demand`` ranks by how often a feature is among a token's top-k affinities.
+slot); ``demand`` ranks by how often a feature is among a token's top-k affinities (the
+default: it gave lower NMSE and better recovery in the quick comparison; see SAEConfig).
 """
 
 from __future__ import annotations

@@ -130,9 +130,30 @@ def test_token_difficulty_and_rank_correlation(lm, tokens, mc_sae):
     assert bits.shape == (12, 31)
     torch.testing.assert_close(bits, nats / math.log(2))
     assert lm_eval.rank_correlation(np.arange(10), np.arange(10) ** 3)[0] == pytest.approx(1.0)
+    assert np.isnan(lm_eval.rank_correlation(np.ones(10), np.arange(10))[0])  # TopK's L0
     res = lm_eval.l0_vs_difficulty(
         lm.model, mc_sae, tokens, HOOK, reference_sae=mc_sae, rule="inference"
     )
     assert res["n_tokens"] == 12 * 30 == len(res["l0"]) == len(res["lm_loss_bits"])
     for key in ("spearman_l0_vs_lm_loss", "spearman_l0_vs_ref_error"):
         assert np.isnan(res[key]) or -1 <= res[key] <= 1
+
+
+def test_lm_comparison_writes_a_table(source, tmp_path):
+    df = lm_eval.lm_comparison(
+        ("topk", "feature_choice"),
+        n_features=64,
+        k=4,
+        batch_size=128,
+        total_tokens=128 * 4,
+        eval_tokens=256,
+        eval_contexts=6,
+        source=source,
+        out_dir=str(tmp_path),
+        log=None,
+    )
+    assert list(df["sparsifier"]) == ["topk", "feature_choice"]
+    for col in ("nmse_train", "nmse_inference", "delta_ce_train", "delta_ce_inference"):
+        assert df[col].notna().all()
+    out = tmp_path / "lm_comparison" / "tiny"
+    assert (out / "table.csv").is_file() and (out / "provenance.json").is_file()

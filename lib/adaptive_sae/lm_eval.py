@@ -295,12 +295,15 @@ def token_difficulty(
 
 
 def rank_correlation(a: np.ndarray | Tensor, b: np.ndarray | Tensor) -> tuple[float, float]:
-    """Spearman's rank correlation (rho, p-value) of two equal-length sequences."""
+    """Spearman's rank correlation (rho, p-value) of two equal-length sequences; (nan, nan)
+    when either is constant (e.g. the L0 of a TopK SAE)."""
     from scipy.stats import spearmanr
 
-    res = spearmanr(
-        np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
-    )
+    a = np.asarray(a, dtype=np.float64).ravel()
+    b = np.asarray(b, dtype=np.float64).ravel()
+    if a.size < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan"), float("nan")
+    res = spearmanr(a, b)
     return float(res.statistic), float(res.pvalue)
 
 
@@ -354,7 +357,7 @@ def lm_comparison(
     n_features: int = 1024,
     k: float = 8.0,
     batch_size: int = 1024,
-    total_tokens: int = 1_000_000,
+    total_tokens: int = 500_000,
     eval_tokens: int = 32_768,
     eval_contexts: int = 128,
     seed: int = 0,
@@ -395,6 +398,8 @@ def lm_comparison(
         for r in ("train", "inference"):
             row[f"delta_ce_{r}"] = ds[f"delta_ce_{r}"]
             row[f"loss_recovered_zero_{r}"] = ds[f"loss_recovered_zero_{r}"]
+        diff = l0_vs_difficulty(src.model, run.sae, ctx, src.hook, rule="inference")
+        row["spearman_l0_vs_lm_loss"] = diff["spearman_l0_vs_lm_loss"]
         rows.append(row)
         if log:
             log(
@@ -429,6 +434,7 @@ def lm_comparison(
             "delta_ce_train",
             "delta_ce_inference",
             "loss_recovered_zero_inference",
+            "spearman_l0_vs_lm_loss",
         ]
         log(df[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         log(f"written to {results.relative_to_repo(rd.path)}")
@@ -439,7 +445,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         description="Train an SAE of every rule on the embedded model and compare NMSE and ΔCE."
     )
-    p.add_argument("--tokens", type=int, default=1_000_000, help="training tokens per SAE")
+    p.add_argument("--tokens", type=int, default=500_000, help="training tokens per SAE")
     p.add_argument("--features", type=int, default=1024)
     p.add_argument("--k", type=float, default=8.0)
     p.add_argument("--batch-size", type=int, default=1024)

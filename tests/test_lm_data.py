@@ -286,3 +286,23 @@ def test_gpt2_fails_fast_and_clearly_offline(monkeypatch, tmp_path):
         assert word in msg
     with pytest.raises(SourceUnavailable):
         activation_source("gpt2")
+
+
+def test_gpt2_windows_start_with_bos_and_hold_out_documents():
+    class FakeTokenizer:
+        def __call__(self, texts, add_special_tokens=False):
+            return {"input_ids": [[ord(ch) for ch in t] for t in texts]}
+
+    src = object.__new__(GPT2Source)  # the windowing logic, without loading GPT-2
+    src.context_len, src.harvest_contexts, src.bos = 8, 3, 0
+    src.tokenizer, src.held_out_fraction = FakeTokenizer(), 0.3
+    docs = [f"document number {i} " * 3 for i in range(40)]
+    src._documents = lambda pass_idx: iter(docs)
+    train = torch.cat(list(src._windows(0, held_out=False)))
+    held = torch.cat(list(src._windows(0, held_out=True)))
+    for w in (train, held):
+        assert w.shape[1] == 8 and bool((w[:, 0] == 0).all())
+    text = lambda w: "".join(chr(int(c)) for c in w[:, 1:].flatten() if c)  # noqa: E731
+    held_docs = {i for i in range(40) if f"number {i} " in text(held)}
+    train_docs = {i for i in range(40) if f"number {i} " in text(train)}
+    assert held_docs and train_docs and not held_docs & train_docs

@@ -25,8 +25,17 @@ test: $(STAMP)
 quick: $(STAMP)
 	$(PY) -m adaptive_sae.quick
 
+# Every sweep of papermill_runs/ at its reproduction scale (points already done are skipped;
+# failures are recorded and the rest still run), then the book. JOBS points run at once.
+JOBS ?= 2
 reproduce: $(STAMP)
-	$(PY) -m adaptive_sae.quick
+	$(PY) -m adaptive_sae.sweep papermill_runs/*.yaml --jobs $(JOBS); status=$$?; \
+	$(MAKE) book && exit $$status
+
+# Renders the notebooks the sweeps executed (papermill_runs/<sweep>/*.ipynb); never executes.
+book: $(STAMP)
+	$(VENV)/bin/jupyter-book build . --config book/_config.yml --toc book/_toc.yml --path-output book
+	@echo "book: book/_build/html/index.html"
 
 lint: $(STAMP)
 	$(PY) -m ruff check lib tests bench

@@ -83,7 +83,7 @@ def test_all_seeds_in_one_point_and_list_values(workdir):
         write_sweep(workdir, grid={"widths": [[256, 512]]}, seeds=[0, 1, 2], seeds_per_point="all")
     )
     (p,) = s.points()
-    assert p.name == "widths=256-512"
+    assert p.name == "widths=256-512__seeds=0-1-2"
     assert p.parameters["seeds"] == [0, 1, 2]
 
 
@@ -152,7 +152,7 @@ def test_two_point_sweep_runs_skips_records_failures_and_aggregates(workdir, cap
 
     s = sweep.load_sweep(spec)
     ok, bad = s.points()
-    assert (ok.name, bad.name) == ("x=1", "x=2")
+    assert (ok.name, bad.name) == ("x=1__seeds=0-1", "x=2__seeds=0-1")
     assert s.is_done(ok) and not s.is_done(bad)
     assert s.notebook_output(ok).is_file() and s.notebook_output(bad).is_file()
     failed = json.loads(s.failed_marker(bad).read_text())
@@ -161,7 +161,7 @@ def test_two_point_sweep_runs_skips_records_failures_and_aggregates(workdir, cap
 
     # The notebook received the injected parameters and wrote where the run name says.
     prov = json.loads((s.point_results(ok) / "provenance.json").read_text())
-    assert prov["parameters"] == {"x": 1, "seeds": [0, 1], "run_name": "demo/x=1"}
+    assert prov["parameters"] == {"x": 1, "seeds": [0, 1], "run_name": "demo/x=1__seeds=0-1"}
     assert prov["git"].keys() >= {"commit", "dirty"} and prov["packages"]["torch"]
 
     # Aggregation: mean ± std over the two seeds of the done point, per rule.
@@ -174,7 +174,8 @@ def test_two_point_sweep_runs_skips_records_failures_and_aggregates(workdir, cap
     assert row["n"] == 2
     assert "10.5 ± 0.71" in (agg_dir / "summary.md").read_text()
     status = pd.read_csv(agg_dir / "status.csv").set_index("point")
-    assert status.loc["x=2", "status"] == "failed" and status.loc["x=1", "status"] == "done"
+    assert status.loc["x=2__seeds=0-1", "status"] == "failed"
+    assert status.loc["x=1__seeds=0-1", "status"] == "done"
 
     # Second invocation: the done point is skipped (not re-executed), the failed one retried.
     before = s.done_marker(ok).stat().st_mtime_ns
@@ -188,7 +189,7 @@ def test_two_point_sweep_runs_skips_records_failures_and_aggregates(workdir, cap
             workdir, grid={"x": [1]}, seeds=[0, 1], seeds_per_point="all", parameters={"extra": 1}
         )
     )
-    assert changed.points()[0].name == "x=1" and not changed.is_done(changed.points()[0])
+    assert changed.points()[0].name == "x=1__seeds=0-1" and not changed.is_done(changed.points()[0])
 
 
 def test_points_per_seed_aggregate_their_metrics(workdir, capsys):

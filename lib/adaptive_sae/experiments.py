@@ -110,11 +110,28 @@ class EvalSet:
     """(N,) a per-token difficulty from a language model (e.g. its loss), when available."""
 
     @classmethod
-    def from_source(cls, source, n_tokens: int) -> EvalSet:
+    def from_source(cls, source, n_tokens: int, difficulty: bool = False) -> EvalSet:
+        """``n_tokens`` held-out tokens; with their ground truth on synthetic data, and with
+        ``difficulty=True`` on a language-model source, the model's loss on the next token at
+        each position (``adaptive_sae.lm_eval.token_difficulty``), aligned with the vectors."""
         if hasattr(source, "sample_with_truth"):
             s = source.sample_with_truth(n_tokens)
             return cls(s.x, s.n_active, source.true_features)
+        if difficulty and hasattr(source, "eval_contexts"):
+            return cls._from_lm(source, n_tokens)
         return cls(source.held_out(n_tokens))
+
+    @classmethod
+    def _from_lm(cls, source, n_tokens: int, first: int = 1) -> EvalSet:
+        from . import lm_eval
+
+        per_context = source.context_len - first - 1  # positions first..T-2 have a next token
+        n_contexts = max(1, -(-n_tokens // per_context))
+        tokens = source.eval_contexts(n_contexts)
+        acts = lm_eval.hook_activations(source.model, tokens, source.hook)[:, first:-1]
+        loss = lm_eval.token_difficulty(source.model, tokens)[:, first:]
+        x = acts.reshape(-1, acts.shape[-1])[:n_tokens].float()
+        return cls(x, difficulty=loss.reshape(-1)[:n_tokens].double().numpy())
 
 
 # ----------------------------------------------------------------------------- one SAE
@@ -134,6 +151,11 @@ class Trained:
     seconds: float
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def lr(self) -> float:
+        """The learning rate actually used (the library default when none was given)."""
+        return float(self.run.info.get("lr", float("nan")))
+
     def key(self) -> dict[str, Any]:
         return {
             "rule": self.rule,
@@ -141,6 +163,7 @@ class Trained:
             "n_features": self.n_features,
             "aux_loss": self.aux_loss,
             "input_scaling": self.input_scaling,
+            "lr": self.lr,
             "seed": self.seed,
             **self.extra,
         }
@@ -225,8 +248,94 @@ def evaluate_trained(
     hist = trained.run.history
     if len(hist):
         row["final_train_nmse"] = float(hist["nmse"].iloc[-1])
+        row["dead_pct_train_window"] = 100.0 * float(hist["dead_frac"].iloc[-1])
+        row["underutilised_pct_train_window"] = 100.0 * float(hist["underutilised_frac"].iloc[-1])
         row["max_dead_pct_during_training"] = 100.0 * float(hist["dead_frac"].max())
     return row, arrays
+
+
+def concentration(densities: np.ndarray) -> dict[str, float]:
+    """How evenly matches spread over the dictionary: the effective number of features
+    (exp of the entropy of the match distribution) as a share of F, and the share of all
+    matches taken by the busiest 10 % of features. A collapsed dictionary has a small
+    effective share and a large top-10 % share."""
+    rho = np.asarray(densities, dtype=float)
+    total = rho.sum()
+    if total <= 0:
+        return {"effective_features_pct": 0.0, "top10pct_share": float("nan")}
+    p = rho / total
+    nz = p[p > 0]
+    eff = float(np.exp(-(nz * np.log(nz)).sum()))
+    top = np.sort(p)[::-1][: max(1, int(round(0.1 * p.size)))].sum()
+    return {"effective_features_pct": 100.0 * eff / p.size, "top10pct_share": float(top)}
+
+
+def checkpoint_curve(
+    data,
+    rule: str,
+    eval_set: EvalSet,
+    *,
+    checkpoint_every: int,
+    checkpoint_dir,
+    k: float,
+    n_features: int,
+    seed: int,
+    batch_size: int,
+    total_tokens: int,
+    aux_loss: str = "none",
+    input_scaling: str = "global",
+    lr: float | None = None,
+    sae_kwargs: Mapping[str, Any] | None = None,
+    train_kwargs: Mapping[str, Any] | None = None,
+) -> tuple[pd.DataFrame, Trained]:
+    """Train one SAE keeping a checkpoint every ``checkpoint_every`` steps, then evaluate each
+    checkpoint on held-out tokens (training rule): NMSE, dead % (no match on those tokens),
+    underutilised %, L0 spread and :func:`concentration`. One row per checkpoint."""
+    from pathlib import Path
+
+    from .sae import SparseAutoencoder
+
+    n_steps = total_tokens // batch_size
+    kwargs = dict(train_kwargs or {})
+    kwargs.update(checkpoint_every=checkpoint_every, keep_checkpoints=n_steps + 1)
+    d_in = int(data.shape[1]) if isinstance(data, torch.Tensor) else int(data.d_in)
+    cfg = SAEConfig(
+        d_in=d_in,
+        n_features=n_features,
+        sparsifier=rule,
+        k=k,
+        input_scaling=input_scaling,
+        **dict(sae_kwargs or {}),
+    )
+    tcfg = TrainConfig(
+        batch_size=batch_size,
+        total_tokens=total_tokens,
+        aux_loss=aux_loss,
+        seed=seed,
+        lr=lr,
+        **kwargs,
+    )
+    t0 = time.perf_counter()
+    run = train(cfg, tcfg, data, checkpoint_dir=checkpoint_dir)
+    trained = Trained(
+        rule, k, n_features, seed, aux_loss, input_scaling, run, time.perf_counter() - t0
+    )
+    rows = []
+    for folder in sorted(Path(checkpoint_dir).glob("step_*")):
+        step = int(folder.name.split("_")[1])
+        sae = SparseAutoencoder.load(folder)
+        res = evaluate(sae, eval_set.x, rule="train", batch_size=batch_size)
+        rows.append(
+            {
+                **trained.key(),
+                "step": step,
+                "tokens": step * batch_size,
+                **_scalars(res),
+                "underutilised_pct": 100.0 * res["underutilised_fraction"],
+                **concentration(res["densities"]),
+            }
+        )
+    return pd.DataFrame(rows), trained
 
 
 # ----------------------------------------------------------------------------- grids
@@ -256,20 +365,25 @@ def train_grid(
     batch_size: int = 1024,
     total_tokens: int = 200_000,
     eval_set: EvalSet | None = None,
-    lr: float | None = None,
+    lrs: Sequence[float | None] = (None,),
     sae_kwargs: Mapping[str, Any] | None = None,
     train_kwargs: Mapping[str, Any] | None = None,
     keep_runs: bool = False,
     keep_l0: bool = False,
     progress: bool = True,
 ) -> Grid:
-    """Train every combination of rule x k x width x auxiliary loss x input scaling x seed on
-    the same data, evaluate each on ``eval_set``, and return tidy tables (:class:`Grid`)."""
+    """Train every combination of rule x k x width x auxiliary loss x input scaling x learning
+    rate x seed on the same data, evaluate each on ``eval_set``, and return tidy tables
+    (:class:`Grid`). ``lrs`` holds learning rates to try (None: the library's default); pick the
+    best per rule afterwards with :func:`best_lr`, so that no rule loses merely for preferring
+    another learning rate."""
     from tqdm.auto import tqdm
 
-    combos = list(itertools.product(input_scalings, widths, k_values, aux_losses, rules, seeds))
+    combos = list(
+        itertools.product(input_scalings, widths, k_values, aux_losses, rules, lrs, seeds)
+    )
     rows, hists, dens, l0s, kept = [], [], [], [], []
-    for scaling, width, k, aux, rule, seed in tqdm(
+    for scaling, width, k, aux, rule, lr, seed in tqdm(
         combos, desc="training SAEs", unit="SAE", disable=not progress
     ):
         trained = train_one(
@@ -287,7 +401,9 @@ def train_grid(
             train_kwargs=train_kwargs,
         )
         key = trained.key()
-        h = trained.run.history.rename(columns={"aux_loss": "aux_loss_value"})
+        h = trained.run.history
+        # history columns that share a name with a setting hold per-step values
+        h = h.rename(columns={c: f"{c}_step" for c in h.columns if c in key})
         for name, value in reversed(list(key.items())):
             h.insert(0, name, value)
         hists.append(h)
@@ -315,6 +431,50 @@ def train_grid(
             del trained
     cat = lambda frames: pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()  # noqa: E731
     return Grid(pd.DataFrame(rows), cat(hists), cat(dens), cat(l0s), kept)
+
+
+def best_lr(
+    table: pd.DataFrame, by: Sequence[str] = ("rule", "k"), metric: str = "nmse"
+) -> pd.DataFrame:
+    """The rows of ``table`` whose learning rate gives the lowest mean ``metric`` (across seeds)
+    within each group of ``by``; a ``lr_candidates`` column says how many were tried."""
+    by = [c for c in by if c in table.columns]
+    means = table.groupby([*by, "lr"], dropna=False)[metric].mean().reset_index()
+    best = means.loc[means.groupby(by, dropna=False)[metric].idxmin(), [*by, "lr"]]
+    n = means.groupby(by, dropna=False)["lr"].nunique().rename("lr_candidates").reset_index()
+    return table.merge(best, on=[*by, "lr"]).merge(n, on=by)
+
+
+def add_delta_ce(
+    table: pd.DataFrame, runs: Sequence[Trained], source, n_tokens: int = 4096
+) -> pd.DataFrame:
+    """Add ΔCE (nats per token) and loss recovered to a :func:`train_grid` table, with each SAE
+    spliced into the language model of ``source`` (``adaptive_sae.lm_eval.downstream_loss``)
+    on about ``n_tokens`` held-out tokens, under the training and the inference rule."""
+    from . import lm_eval
+
+    if not hasattr(source, "model") or not hasattr(source, "eval_contexts"):
+        raise ValueError(
+            "ΔCE needs a language-model source (source='tiny' or 'gpt2'); synthetic data has "
+            "no downstream loss."
+        )
+    n_contexts = max(1, -(-n_tokens // source.context_len))
+    tokens = source.eval_contexts(n_contexts)
+    extra = []
+    for trained in runs:
+        res = lm_eval.downstream_loss(source.model, trained.run.sae, tokens, source.hook)
+        extra.append(
+            {
+                **trained.key(),
+                "delta_ce": res["delta_ce_train"],
+                "delta_ce_inference": res["delta_ce_inference"],
+                "loss_recovered": res["loss_recovered_zero_train"],
+                "loss_recovered_inference": res["loss_recovered_zero_inference"],
+                "ce_clean": res["ce_clean"],
+            }
+        )
+    keys = [c for c in runs[0].key() if c in table.columns] if runs else []
+    return table.merge(pd.DataFrame(extra), on=keys, how="left") if extra else table
 
 
 def summarise(
@@ -438,7 +598,7 @@ def zipf_fits(
     rows = []
     for key, g in densities.groupby(list(by), sort=False):
         key = key if isinstance(key, tuple) else (key,)
-        rho = np.sort(g["density"].to_numpy(dtype=float))[::-1]
+        rho = np.sort(g["density"].to_numpy(dtype=float))[::-1].copy()
         fit = zipf.fit_zipf(rho, head_fraction)
         ranks = np.arange(1, rho.size + 1)
         law = fit.predict(ranks)
@@ -468,6 +628,37 @@ def zipf_curve(fit_row: Mapping[str, Any], n_features: int) -> np.ndarray:
     r = np.arange(1, n_features + 1, dtype=float)
     law = (r + fit_row["zipf_beta"]) ** (-fit_row["zipf_alpha"])
     return law / law.sum()
+
+
+# ----------------------------------------------------------------------------- difficulty
+
+
+def l0_by_difficulty(
+    per_token: pd.DataFrame, level: str = "n_active", by: Sequence[str] = ("input_scaling", "rule")
+) -> pd.DataFrame:
+    """Mean and std of per-token L0 at each difficulty level (tokens of all seeds pooled), with
+    the number of tokens at that level."""
+    by = [c for c in by if c in per_token.columns]
+    g = per_token.groupby([*by, level])["l0"]
+    return g.agg(l0_mean="mean", l0_std="std", tokens="size").reset_index()
+
+
+def difficulty_correlations(
+    per_token: pd.DataFrame,
+    difficulty: str = "n_active",
+    by: Sequence[str] = ("input_scaling", "rule", "seed"),
+) -> pd.DataFrame:
+    """Spearman rank correlation between each token's L0 and its difficulty, per group
+    (0 when L0 is constant, as for TopK: a constant carries no information)."""
+    from .data.synthetic import l0_rank_correlation
+
+    by = [c for c in by if c in per_token.columns]
+    rows = []
+    for key, g in per_token.groupby(by, sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        rho = l0_rank_correlation(g["l0"].to_numpy().copy(), g[difficulty].to_numpy().copy())
+        rows.append({**dict(zip(by, key)), "spearman": rho, "tokens": len(g)})
+    return pd.DataFrame(rows)
 
 
 # ----------------------------------------------------------------------------- thresholds
@@ -579,6 +770,7 @@ def step_time_table(
 
 __all__ = [
     "RULES",
+    "add_delta_ce",
     "EvalSet",
     "Grid",
     "Trained",
@@ -586,8 +778,13 @@ __all__ = [
     "allocation_counts",
     "allocation_summary",
     "batch_size_sensitivity",
+    "best_lr",
+    "checkpoint_curve",
     "collect_tokens",
+    "concentration",
     "demo_affinities",
+    "difficulty_correlations",
+    "l0_by_difficulty",
     "evaluate_trained",
     "make_source",
     "seed_mean",

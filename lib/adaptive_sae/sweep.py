@@ -151,10 +151,8 @@ class Sweep:
                     params = {**self.parameters, **labels}
                     if group is not None:
                         params[self.seed_parameter] = group
-                        if self.seeds_per_point is not None:
-                            labels["seed" if len(group) == 1 else "seeds"] = (
-                                group[0] if len(group) == 1 else group
-                            )
+                        one = self.seeds_per_point == 1
+                        labels["seed" if one else "seeds"] = group[0] if one else group
                     name = _results.run_name(labels) if labels else "default"
                     if name in seen:
                         raise SweepError(
@@ -387,35 +385,40 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return i, n
 
 
-def run_sweep(
-    sweep: Sweep,
+def run_sweeps(
+    sweeps: Sequence[Sweep],
     *,
     jobs: int = 1,
     shard: tuple[int, int] = (0, 1),
     force: bool = False,
     progress: bool = True,
     aggregate_after: bool = True,
-) -> list[Outcome]:
-    """Run every point of this shard that is not done; aggregate; return one outcome per point."""
+) -> dict[str, list[Outcome]]:
+    """Run every point of these sweeps that belongs to this shard and is not done, ``jobs`` at
+    a time (points of different sweeps share the pool), under one progress bar; aggregate each
+    sweep; return the outcomes per sweep name, in grid order.
+
+    The shard takes every N-th point of the sweeps' points listed one sweep after the other."""
     from tqdm.auto import tqdm
 
-    check_parameters(sweep)
-    all_points = sweep.points()
+    for sweep in sweeps:
+        check_parameters(sweep)
+    listed = [(sweep, p) for sweep in sweeps for p in sweep.points()]
     index, count = shard
-    mine = [p for i, p in enumerate(all_points) if i % count == index]
-    outcomes: list[Outcome] = []
-    todo: list[Point] = []
-    for p in mine:
+    mine = [pair for i, pair in enumerate(listed) if i % count == index]
+    outcomes: dict[str, list[Outcome]] = {sweep.name: [] for sweep in sweeps}
+    todo: list[tuple[Sweep, Point]] = []
+    for sweep, p in mine:
         if not force and sweep.is_done(p):
-            outcomes.append(Outcome(p, "skipped"))
+            outcomes[sweep.name].append(Outcome(p, "skipped"))
         else:
-            todo.append(p)
+            todo.append((sweep, p))
     jobs = max(1, min(jobs, len(todo) or 1))
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     bar = tqdm(
         total=len(mine),
         initial=len(mine) - len(todo),
-        desc=sweep.name,
+        desc=sweeps[0].name if len(sweeps) == 1 else f"{len(sweeps)} sweeps",
         unit="point",
         disable=not progress,
         dynamic_ncols=True,
@@ -433,36 +436,49 @@ def run_sweep(
     ticker = threading.Thread(target=tick, daemon=True)
     ticker.start()
 
-    def work(p: Point) -> Outcome:
+    def label(sweep: Sweep, p: Point) -> str:
+        return p.name if len(sweeps) == 1 else f"{sweep.name}/{p.name}"
+
+    def work(sweep: Sweep, p: Point) -> Outcome:
         with lock:
-            running.append(p.name)
-            bar.set_postfix_str(", ".join(running)[:80], refresh=True)
+            running.append(label(sweep, p))
+            bar.set_postfix_str(", ".join(running)[:100], refresh=True)
         try:
             return run_point(sweep, p, threads=threads)
         finally:
             with lock:
-                running.remove(p.name)
+                running.remove(label(sweep, p))
 
     try:
         with ThreadPoolExecutor(max_workers=jobs) as pool:
-            futures = [pool.submit(work, p) for p in todo]
+            futures = {pool.submit(work, sweep, p): sweep for sweep, p in todo}
             for fut in as_completed(futures):
+                sweep = futures[fut]
                 outcome = fut.result()
-                outcomes.append(outcome)
+                outcomes[sweep.name].append(outcome)
                 with lock:
                     if outcome.status == "failed":
-                        bar.write(f"[{sweep.name}] FAILED {outcome.point.name}: {outcome.error}")
+                        bar.write(
+                            f"[{sweep.name}] FAILED {outcome.point.name} after "
+                            f"{outcome.seconds:.0f} s: {outcome.error}"
+                        )
                     bar.update(1)
-                    bar.set_postfix_str(", ".join(running)[:80], refresh=True)
+                    bar.set_postfix_str(", ".join(running)[:100], refresh=True)
     finally:
         stop.set()
         ticker.join(timeout=2)
         bar.close()
-    order = {p.name: i for i, p in enumerate(all_points)}
-    outcomes.sort(key=lambda o: order[o.point.name])
-    if aggregate_after:
-        aggregate(sweep)
+    for sweep in sweeps:
+        order = {p.name: i for i, p in enumerate(sweep.points())}
+        outcomes[sweep.name].sort(key=lambda o: order[o.point.name])
+        if aggregate_after:
+            aggregate(sweep)
     return outcomes
+
+
+def run_sweep(sweep: Sweep, **kwargs: Any) -> list[Outcome]:
+    """:func:`run_sweeps` for one sweep."""
+    return run_sweeps([sweep], **kwargs)[sweep.name]
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -564,11 +580,12 @@ def aggregate(sweep: Sweep) -> Path | None:
 # ----------------------------------------------------------------------------- command line
 
 
-def _print_summary(sweep: Sweep, outcomes: list[Outcome], seconds: float) -> None:
+def _print_summary(sweep: Sweep, outcomes: list[Outcome]) -> None:
     counts = {s: sum(o.status == s for o in outcomes) for s in ("done", "skipped", "failed")}
+    run_time = sum(o.seconds for o in outcomes)
     print(
         f"sweep {sweep.name}: {len(outcomes)} points: {counts['done']} done, "
-        f"{counts['skipped']} skipped, {counts['failed']} failed in {seconds:.0f} s"
+        f"{counts['skipped']} skipped, {counts['failed']} failed ({run_time:.0f} s of notebook time)"
     )
     for o in outcomes:
         if o.status == "failed":
@@ -600,41 +617,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         shard = parse_shard(args.shard)
         sweeps = [load_sweep(p) for p in args.sweeps]
+        names = [s.name for s in sweeps]
+        if len(set(names)) < len(names):
+            raise SweepError(f"sweep names must differ (they name output folders): {names}")
     except SweepError as exc:
         parser.error(str(exc))
-    any_failed = False
-    t_all = time.perf_counter()
-    for sweep in sweeps:
-        if args.list:
+    if args.list:
+        for sweep in sweeps:
             for p in sweep.points():
-                state = (
-                    "done"
-                    if sweep.is_done(p)
-                    else "failed"
-                    if sweep.failed_marker(p).is_file()
-                    else "todo"
-                )
+                state = "done" if sweep.is_done(p) else "todo"
+                if state == "todo" and sweep.failed_marker(p).is_file():
+                    state = "failed"
                 print(f"{sweep.name}\t{p.name}\t{state}")
-            continue
-        if args.aggregate_only:
+        return 0
+    if args.aggregate_only:
+        for sweep in sweeps:
             path = aggregate(sweep)
-            print(
-                f"sweep {sweep.name}: {_results.relative_to_repo(path) if path else 'no done point'}"
-            )
-            continue
-        t0 = time.perf_counter()
-        try:
-            outcomes = run_sweep(
-                sweep, jobs=args.jobs, shard=shard, force=args.force, progress=not args.no_progress
-            )
-        except SweepError as exc:
-            print(f"sweep {sweep.name}: {exc}", file=sys.stderr)
-            any_failed = True
-            continue
-        _print_summary(sweep, outcomes, time.perf_counter() - t0)
-        any_failed |= any(o.status == "failed" for o in outcomes)
-    if len(sweeps) > 1 and not (args.list or args.aggregate_only):
-        print(f"all sweeps: {time.perf_counter() - t_all:.0f} s")
+            where = _results.relative_to_repo(path) if path else "no done point"
+            print(f"sweep {sweep.name}: {where}")
+        return 0
+    t0 = time.perf_counter()
+    try:
+        outcomes = run_sweeps(
+            sweeps, jobs=args.jobs, shard=shard, force=args.force, progress=not args.no_progress
+        )
+    except SweepError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    seconds = time.perf_counter() - t0
+    for sweep in sweeps:
+        _print_summary(sweep, outcomes[sweep.name])
+    every = [o for outs in outcomes.values() for o in outs]
+    if len(sweeps) > 1:
+        counts = {s: sum(o.status == s for o in every) for s in ("done", "skipped", "failed")}
+        print(
+            f"all {len(sweeps)} sweeps: {len(every)} points: {counts['done']} done, "
+            f"{counts['skipped']} skipped, {counts['failed']} failed in {seconds:.0f} s"
+        )
+    else:
+        print(f"time: {seconds:.0f} s")
+    any_failed = any(o.status == "failed" for o in every)
     return 1 if any_failed else 0
 
 

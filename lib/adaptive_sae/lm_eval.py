@@ -398,6 +398,7 @@ def lm_comparison(
         for r in ("train", "inference"):
             row[f"delta_ce_{r}"] = ds[f"delta_ce_{r}"]
             row[f"loss_recovered_zero_{r}"] = ds[f"loss_recovered_zero_{r}"]
+            row[f"loss_recovered_mean_{r}"] = ds[f"loss_recovered_mean_{r}"]
         diff = l0_vs_difficulty(src.model, run.sae, ctx, src.hook, rule="inference")
         row["spearman_l0_vs_lm_loss"] = diff["spearman_l0_vs_lm_loss"]
         rows.append(row)

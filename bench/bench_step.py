@@ -75,38 +75,89 @@ def _rss_bytes(field: str) -> int:
     return 0
 
 
+def _mallinfo():
+    """glibc's count of bytes in use (heap + mmapped chunks), or None off glibc."""
+    import ctypes
+
+    class _MI2(ctypes.Structure):
+        _fields_ = [
+            (n, ctypes.c_size_t)
+            for n in (
+                "arena",
+                "ordblks",
+                "smblks",
+                "hblks",
+                "hblkhd",
+                "usmblks",
+                "fsmblks",
+                "uordblks",
+                "fordblks",
+                "keepcost",
+            )
+        ]
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MI2
+    except (OSError, AttributeError):
+        return None
+
+    def used() -> int:
+        m = libc.mallinfo2()
+        return m.uordblks + m.hblkhd
+
+    return used
+
+
 class _Memory:
-    """Peak memory above a baseline: CUDA allocator stats, or the CPU peak resident set."""
+    """Peak memory in use above a baseline. CUDA: the allocator's peak. CPU: glibc's bytes in
+    use, sampled every ~0.2 ms by a thread during the measured steps (freed memory the heap
+    keeps does not count), else the peak resident set."""
 
     def __init__(self, torch, device):
         self.torch, self.cuda = torch, device.type == "cuda"
-        self.ok = self.cuda or os.path.exists("/proc/self/clear_refs")
+        self.used = None if self.cuda else _mallinfo()
+        self.ok = self.cuda or self.used is not None or os.path.exists("/proc/self/status")
 
-    def baseline(self):
+    def _now(self) -> int:
         if self.cuda:
             self.torch.cuda.synchronize()
-            self.base = self.torch.cuda.memory_allocated()
-        else:
-            self.base = _rss_bytes("VmRSS")
+            return self.torch.cuda.memory_allocated()
+        return self.used() if self.used is not None else _rss_bytes("VmRSS")
 
-    def reset_peak(self):
+    def baseline(self):
+        self.base = self._now()
+
+    def measure(self, fn):
+        """Run fn() and return its peak memory above the baseline (bytes)."""
+        import threading
+
         if self.cuda:
             self.torch.cuda.synchronize()
             self.torch.cuda.reset_peak_memory_stats()
-        elif self.ok:
-            try:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")  # the peak resident set (VmHWM) restarts from the current one
-            except OSError:
-                self.ok = False
-
-    def peak(self) -> float:
-        if not self.ok:
-            return float("nan")
-        if self.cuda:
+            fn()
             self.torch.cuda.synchronize()
             return self.torch.cuda.max_memory_allocated() - self.base
-        return _rss_bytes("VmHWM") - self.base
+        if self.used is None:  # peak resident set, restarted from the current one
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            fn()
+            return _rss_bytes("VmHWM") - self.base
+        peak, done = [self.used()], threading.Event()
+
+        def sample():
+            while not done.is_set():
+                peak[0] = max(peak[0], self.used())
+                time.sleep(0.0002)
+
+        th = threading.Thread(target=sample, daemon=True)
+        th.start()
+        try:
+            fn()
+        finally:
+            done.set()
+            th.join()
+        return max(peak[0], self.used()) - self.base
 
 
 def _make_data(torch, d, B, device, n=4, seed=0):
@@ -234,10 +285,12 @@ def run_worker(spec: dict) -> dict:
             mms_out.append(t_mo)
             ratios.append(t_st / t_mm)
             ratios_out.append(t_st / t_mo)
-    mem.reset_peak()  # two more steps without the reference products in between
-    for i in range(2):
-        step(data[i % len(data)])
-    peak = mem.peak()
+
+    def two_steps():  # without the reference products in between
+        for i in range(2):
+            step(data[i % len(data)])
+
+    peak = mem.measure(two_steps) if mem.ok else float("nan")
     n_params = 2 * d * F + F + d
     ref = B * F * 4 + 4 * n_params * 4
     med = statistics.median(steps)

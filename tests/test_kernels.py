@@ -68,7 +68,9 @@ def grads_of(fn, params):
         p.grad = None
     out = fn()
     gens = torch.Generator().manual_seed(123)
-    loss = sum((o * torch.randn(o.shape, generator=gens, dtype=o.dtype)).sum() for o in out)
+    loss = sum(
+        (o * torch.randn(o.shape, generator=gens, dtype=o.dtype).to(o.device)).sum() for o in out
+    )
     loss.backward()
     return [o.detach().clone() for o in out], [p.grad.clone() for p in params]
 
@@ -155,6 +157,30 @@ def test_select_feature_choice_matches_naive(kind, layout):
     idx = kernels.select_feature_choice(P, caps, kernels.Workspace())
     assert idx.numel() == int(caps.sum())
     assert idx.numel() == 0 or bool((idx[1:] > idx[:-1]).all())
+    assert as_set(idx) == as_set(naive_feature_choice(P, caps))
+
+
+@pytest.mark.parametrize("kind", ["uniform", "zipf", "zipf_shuffled", "tiny"])
+@pytest.mark.parametrize("misleading", [False, True])
+def test_select_feature_choice_threshold_path(kind, misleading, monkeypatch):
+    """The candidate path for a large token-major P (forced here on a small one): exact, also
+    when the sampled tokens mislead the thresholds (columns then fall back to exact topk)."""
+    torch.manual_seed(2)
+    B, F = 300, 64
+    monkeypatch.setattr(kernels, "_FC_SMALL", 0)
+    monkeypatch.setattr(kernels, "_FC_SAMPLE_ROWS", 60)
+    P = torch.randn(B, F)
+    if misleading:
+        P[:60] += 3.0  # the sample sees only unusually large values
+    caps = {
+        "uniform": torch.full((F,), 9, dtype=torch.long),
+        "zipf": zipf_like(F, 8 * B, B),
+        "zipf_shuffled": zipf_like(F, 8 * B, B)[torch.randperm(F)],
+        "tiny": torch.randint(0, 3, (F,)),
+    }[kind]
+    ws = kernels.Workspace()
+    idx = kernels.select_feature_choice(P, caps, ws)
+    assert idx.numel() == int(caps.sum()) and bool((idx[1:] > idx[:-1]).all())
     assert as_set(idx) == as_set(naive_feature_choice(P, caps))
 
 

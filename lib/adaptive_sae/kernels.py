@@ -48,6 +48,11 @@ from torch import Tensor
 # is about 0.03-0.05; on a GPU the dense product wins earlier still.
 DENSE_SUBSET_DENSITY = {"cpu": 0.04, "cuda": 0.02}
 
+# Feature Choice: below this many entries P is simply transposed; above, thresholds from the
+# first _FC_SAMPLE_ROWS tokens select candidates in one pass (no B×F copy).
+_FC_SMALL = 1 << 20
+_FC_SAMPLE_ROWS = 1024
+
 # Mutual Choice threshold search: sample size and safety margin in standard deviations.
 _MC_SAMPLE = 1 << 16
 _MC_MARGIN_SD = 4.0
@@ -214,50 +219,120 @@ def _capacity_buckets(caps_sorted: Tensor) -> list[tuple[int, int, int, int]]:
     return list(zip(bounds[:-1], bounds[1:], hi, lo))
 
 
+def _fc_topk(PT: Tensor, feats: Tensor, caps_h: Tensor, F: int) -> Tensor:
+    """Exact per-column top-m_j on a feature-major matrix PT (n, B) of the columns ``feats``
+    (n,), capacities ``caps_h`` (n,) on the host: flat indices b·F + f, unordered.
+
+    Columns go in order of decreasing capacity, in O(log B) buckets of capacities within a
+    power of two: one ``topk`` per bucket with its largest m, then rank < m_j."""
+    n, B = PT.shape
+    dev = PT.device
+    order_h = torch.argsort(caps_h, descending=True, stable=True)
+    caps_sorted_h = caps_h[order_h]
+    identity = bool((order_h == torch.arange(n)).all())
+    order = None if identity else order_h.to(dev)
+    pieces = []
+    for s, e, hi, lo in _capacity_buckets(caps_sorted_h):
+        if hi <= 0:
+            continue
+        idx = torch.arange(s, e, device=dev) if order is None else order[s:e]
+        f = feats[idx]
+        if lo >= B:  # every token
+            pieces.append(torch.arange(B, device=dev).repeat(e - s) * F + f.repeat_interleave(B))
+            continue
+        sub = PT[s:e] if order is None else PT.index_select(0, idx)  # (n_b, B)
+        flat = sub.topk(hi, dim=1, sorted=hi != lo).indices * F + f.unsqueeze(1)  # (n_b, hi)
+        if hi == lo:
+            pieces.append(flat.reshape(-1))
+        else:
+            c = caps_sorted_h[s:e].to(dev)
+            pieces.append(flat[torch.arange(hi, device=dev).unsqueeze(0) < c.unsqueeze(1)])
+    if not pieces:
+        return torch.empty(0, dtype=torch.long, device=dev)
+    return torch.cat(pieces)
+
+
+def _fc_columns(P: Tensor, feats_h: Tensor, caps_h: Tensor) -> Tensor:
+    """Exact selection on a few columns of a token-major P (gathered, then ``_fc_topk``)."""
+    feats = feats_h.to(P.device)
+    return _fc_topk(P.index_select(1, feats).t().contiguous(), feats, caps_h[feats_h], P.shape[1])
+
+
+def _descending_key(v: Tensor) -> Tensor:
+    """int64 in [0, 2^32) whose ascending order is v's (float32) descending order."""
+    bits = v.float().view(torch.int32).long()
+    asc = torch.where(bits < 0, -(bits & 0x7FFFFFFF), bits)  # same order as the floats
+    return (2**31 - 1) - asc
+
+
+def _fc_threshold(P: Tensor, caps_h: Tensor, ws: Workspace | None) -> Tensor:
+    """Feature Choice on a token-major P without transposing it (module docstring).
+
+    Per column j a threshold t_j from the first r tokens (the q_j-th largest there, q_j the
+    expected rank plus 2.5 standard deviations) gives candidates C_j = {b : P[b, j] >= t_j} in
+    one pass over P. Where |C_j| >= m_j, the top-m_j of column j lies in C_j (an entry outside
+    is below m_j entries of C_j) and is found by ranking C_j; the other columns, and those whose
+    capacity is a large share of the batch, are selected exactly on their own."""
+    B, F = P.shape
+    dev = P.device
+    r = min(B, _FC_SAMPLE_ROWS)
+    mean = caps_h.double() * (r / B)
+    q = torch.ceil(mean + 2.5 * mean.sqrt() + 1.0).long().clamp(1, r)
+    exact = (caps_h > 0) & ((caps_h * 16 >= B) | (q * 4 >= r))
+    small = (caps_h > 0) & ~exact
+    pieces = []
+    if bool(small.any()):
+        sample = P[:r].t().contiguous()  # (F, r): a contiguous row block transposes fast
+        t = torch.full((F,), float("inf"), dtype=P.dtype, device=dev)
+        fs = small.nonzero().squeeze(1)
+        qs = q[fs]
+        o = torch.argsort(qs, descending=True, stable=True)
+        fs, qs = fs[o], qs[o]
+        for s_, e_, hi, _ in _capacity_buckets(qs):  # one topk per range of q
+            rows = fs[s_:e_].to(dev)
+            tv = sample.index_select(0, rows).topk(hi, dim=1, sorted=True).values  # (n_b, hi)
+            t[rows] = tv.gather(1, (qs[s_:e_] - 1).to(dev).unsqueeze(1)).squeeze(1)
+        mask = ws.get("fc_mask", (B, F), torch.bool, dev) if ws is not None else None
+        mask = torch.ge(P, t, out=mask) if mask is not None else P >= t
+        cand = mask.view(-1).nonzero().squeeze(1)
+        vals = P.view(-1)[cand]
+        cols = cand % F
+        short_h = small & (torch.bincount(cols, minlength=F).cpu() < caps_h)
+        if bool(short_h.any()):  # the sample misled these columns: select them exactly
+            exact |= short_h
+            keep = ~short_h.to(dev)[cols]
+            cand, vals, cols = cand[keep], vals[keep], cols[keep]
+        # rank the candidates within each column by value (one sort of (column, -value) keys)
+        key, o = torch.sort((cols << 32) | _descending_key(vals))
+        cols_s = key >> 32
+        start = _exclusive_cumsum(torch.bincount(cols_s, minlength=F))
+        rank = torch.arange(cols_s.numel(), device=dev) - start[cols_s]
+        pieces.append(cand[o][rank < caps_h.to(dev)[cols_s]])
+    if bool(exact.any()):
+        pieces.append(_fc_columns(P, exact.nonzero().squeeze(1), caps_h))
+    if not pieces:
+        return torch.empty(0, dtype=torch.long, device=dev)
+    return torch.cat(pieces)
+
+
 @torch.no_grad()
 def select_feature_choice(P: Tensor, capacities: Tensor, ws: Workspace | None = None) -> Tensor:
     """Column j keeps its top-capacities[j] entries (uneven capacities): flat indices, ascending.
 
-    Features are taken in order of decreasing capacity and split into O(log B) buckets of
-    capacities within a power of two; each bucket is one ``topk`` over tokens with the
-    bucket's largest capacity followed by a rank < m_j mask."""
+    A feature-major P (contiguous along tokens) or a small one: one ``topk`` over tokens per
+    bucket of similar capacities (``_fc_topk``). A large token-major P: per-column thresholds
+    and candidates (``_fc_threshold``), so P is never transposed or copied."""
     B, F = P.shape
-    caps = capacities.to(P.device, torch.long)
-    if caps.shape != (F,) or (caps.numel() and (int(caps.min()) < 0 or int(caps.max()) > B)):
+    caps_h = capacities.detach().to("cpu", torch.long)  # bucket layout and checks: host-side
+    if caps_h.shape != (F,) or (caps_h.numel() and (caps_h.min() < 0 or caps_h.max() > B)):
         raise ValueError(f"capacities must be (F,)={F} integers in [0, B={B}].")
     if P.t().is_contiguous():
-        PT = P.t()  # (F, B), contiguous along tokens
-    elif ws is not None:
-        PT = ws.get("fc_PT", (F, B), P.dtype, P.device)
-        PT.copy_(P.t())
+        idx = _fc_topk(P.t(), torch.arange(F, device=P.device), caps_h, F)
+    elif B * F <= _FC_SMALL:
+        idx = _fc_topk(P.t().contiguous(), torch.arange(F, device=P.device), caps_h, F)
     else:
-        PT = P.t().contiguous()
-    if bool((caps[1:] <= caps[:-1]).all()):
-        order = None  # already by decreasing capacity (fixed Zipf ranking, uniform)
-        caps_sorted = caps
-    else:
-        order = torch.argsort(caps, descending=True, stable=True)
-        caps_sorted = caps[order]
-    pieces = []
-    for s, e, hi, lo in _capacity_buckets(caps_sorted):
-        if hi <= 0:
-            continue
-        feats = torch.arange(s, e, device=P.device) if order is None else order[s:e]
-        if lo >= B:  # every token
-            rows = torch.arange(B, device=P.device).repeat(e - s)
-            pieces.append(rows * F + feats.repeat_interleave(B))
-            continue
-        sub = PT[s:e] if order is None else PT.index_select(0, feats)  # (n_b, B)
-        rows = sub.topk(hi, dim=1, sorted=hi != lo).indices  # (n_b, hi)
-        if hi == lo:
-            pieces.append((rows * F + feats.unsqueeze(1)).reshape(-1))
-        else:
-            c = caps_sorted[s:e]
-            keep = torch.arange(hi, device=P.device).unsqueeze(0) < c.unsqueeze(1)
-            pieces.append((rows * F + feats.unsqueeze(1))[keep])
-    if not pieces:
-        return torch.empty(0, dtype=torch.long, device=P.device)
-    return torch.cat(pieces).sort().values
+        idx = _fc_threshold(P if P.is_contiguous() else P.contiguous(), caps_h, ws)
+    return idx.sort().values
 
 
 def select(sae, P: Tensor, ws: Workspace | None = None) -> Tensor:
@@ -465,15 +540,13 @@ class _SubsetReconstruct(torch.autograd.Function):
 
 
 def _topk_local(P_sub: Tensor, k: int) -> Tensor:
-    """Local (B, n) indices of each row's top-k of a column subset, as a flat (B·k,) index."""
+    """Flat (B·k,) indices into a column subset (B, n) of each row's top-k (rows ascending)."""
     B, n = P_sub.shape
     k = min(int(k), n)
-    cols = P_sub.topk(k, dim=1, sorted=False).indices if k < n else None
-    if cols is None:
+    if k == n:
         return torch.arange(B * n, device=P_sub.device)
-    return (
-        cols.sort(dim=1).values + torch.arange(B, device=P_sub.device).unsqueeze(1) * n
-    ).reshape(-1)
+    cols = P_sub.topk(k, dim=1, sorted=False).indices  # (B, k)
+    return (cols + torch.arange(B, device=P_sub.device).unsqueeze(1) * n).reshape(-1)
 
 
 @torch.no_grad()

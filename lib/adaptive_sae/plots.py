@@ -254,6 +254,19 @@ def mask_heatmap(ax, mask: np.ndarray, title: str, cmap: str = "Blues") -> None:
     ax.set_title(title)
 
 
+def plain_log_ticks(ax, axis: str = "x", ticks: Sequence[float] | None = None) -> None:
+    """Plain numbers (4, 8, 16) instead of powers of ten on a log axis; ``ticks`` picks them."""
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    target = ax.xaxis if axis == "x" else ax.yaxis
+    if ticks is not None:
+        (ax.set_xticks if axis == "x" else ax.set_yticks)(list(ticks))
+    formatter = ScalarFormatter()
+    formatter.set_scientific(False)
+    target.set_major_formatter(formatter)
+    target.set_minor_formatter(NullFormatter())
+
+
 def close(fig) -> None:
     plt.close(fig)
 
@@ -273,6 +286,7 @@ __all__ = [
     "mask_heatmap",
     "mean_std_lines",
     "ordered_rules",
+    "plain_log_ticks",
     "rank_density",
     "rule_label",
     "rule_style",

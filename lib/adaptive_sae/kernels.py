@@ -22,9 +22,12 @@ aside):
 - Mutual Choice (top K of all B·F entries): a threshold t from a strided sample of P such that
   C = {P ≥ t} has |C| ≥ K (checked; t is lowered if not), then top-K of C. Exact: an entry
   outside C is < t ≤ every entry of C, and C holds ≥ K entries, so it cannot be in the top K.
-- Feature Choice (column j keeps its top m_j): features are grouped into O(log B) buckets of
-  similar capacity and each bucket runs one ``topk`` over tokens with its largest m, then keeps
-  rank < m_j. The topk runs on a column-major copy of P (contiguous along tokens).
+- Feature Choice (column j keeps its top m_j): on the CPU, a threshold t_j per column from
+  the first r tokens of the batch gives candidates {P[:, j] ≥ t_j} in one pass over P (no
+  transposed copy of P); the same argument makes the top-m_j of the candidates exact wherever
+  a column has ≥ m_j of them, and the few other columns are selected exactly on their own. On
+  a GPU (or for small P), features are grouped into O(log B) buckets of similar capacity and
+  each bucket runs one ``topk`` over tokens with its largest m, then keeps rank < m_j.
 - The auxiliary losses select on the (few) dead or underutilised columns only; when that
   selection is dense (e.g. top-256 of 400 dead features), a dense product on the column subset
   beats any gather, and ``sparse_aux_loss`` switches to it (``_SubsetReconstruct``).
@@ -44,9 +47,10 @@ import torch.nn.functional as F_
 from torch import Tensor
 
 # A selection of density above this (selected / (B · columns involved)) is reconstructed by a
-# dense product on the column subset rather than by gathers. Measured crossover on a 2-core CPU
-# is about 0.03-0.05; on a GPU the dense product wins earlier still.
-DENSE_SUBSET_DENSITY = {"cpu": 0.04, "cuda": 0.02}
+# dense product on the column subset rather than by gathers. On a 2-core CPU (B=4096, d=512,
+# F=8192, aux_k on 432 or 2048 features) the two cost the same at a density of about 0.15;
+# the GPU value is a guess (dense products are relatively cheaper there), not a measurement.
+DENSE_SUBSET_DENSITY = {"cpu": 0.15, "cuda": 0.05}
 
 # Feature Choice: below this many entries P is simply transposed; above, thresholds from the
 # first _FC_SAMPLE_ROWS tokens select candidates in one pass (no B×F copy).
@@ -284,14 +288,18 @@ def _fc_threshold(P: Tensor, caps_h: Tensor, ws: Workspace | None) -> Tensor:
     if bool(small.any()):
         sample = P[:r].t().contiguous()  # (F, r): a contiguous row block transposes fast
         t = torch.full((F,), float("inf"), dtype=P.dtype, device=dev)
-        fs = small.nonzero().squeeze(1)
-        qs = q[fs]
-        o = torch.argsort(qs, descending=True, stable=True)
-        fs, qs = fs[o], qs[o]
-        for s_, e_, hi, _ in _capacity_buckets(qs):  # one topk per range of q
-            rows = fs[s_:e_].to(dev)
-            tv = sample.index_select(0, rows).topk(hi, dim=1, sorted=True).values  # (n_b, hi)
-            t[rows] = tv.gather(1, (qs[s_:e_] - 1).to(dev).unsqueeze(1)).squeeze(1)
+        lo = 0
+        for hi in (16, 64, r):  # one topk per coarse range of q (one range when uniform)
+            sel = small & (q > lo) & (q <= hi)
+            lo = hi
+            if not bool(sel.any()):
+                continue
+            fs = sel.nonzero().squeeze(1)
+            qs = q[fs]
+            rows = fs.to(dev)
+            sub = sample if bool(sel.all()) else sample.index_select(0, rows)
+            tv = sub.topk(int(qs.max()), dim=1, sorted=True).values  # (n, max q)
+            t[rows] = tv.gather(1, (qs - 1).to(dev).unsqueeze(1)).squeeze(1)
         mask = ws.get("fc_mask", (B, F), torch.bool, dev) if ws is not None else None
         mask = torch.ge(P, t, out=mask) if mask is not None else P >= t
         cand = mask.view(-1).nonzero().squeeze(1)
@@ -319,16 +327,17 @@ def _fc_threshold(P: Tensor, caps_h: Tensor, ws: Workspace | None) -> Tensor:
 def select_feature_choice(P: Tensor, capacities: Tensor, ws: Workspace | None = None) -> Tensor:
     """Column j keeps its top-capacities[j] entries (uneven capacities): flat indices, ascending.
 
-    A feature-major P (contiguous along tokens) or a small one: one ``topk`` over tokens per
-    bucket of similar capacities (``_fc_topk``). A large token-major P: per-column thresholds
-    and candidates (``_fc_threshold``), so P is never transposed or copied."""
+    A feature-major P (contiguous along tokens), a small one or one on a GPU: one ``topk`` over
+    tokens per bucket of similar capacities (``_fc_topk``) on P transposed. A large token-major
+    P on the CPU: per-column thresholds and candidates (``_fc_threshold``), so P is never
+    transposed or copied (a CPU transposes 4 bytes per entry far slower than it compares)."""
     B, F = P.shape
     caps_h = capacities.detach().to("cpu", torch.long)  # bucket layout and checks: host-side
     if caps_h.shape != (F,) or (caps_h.numel() and (caps_h.min() < 0 or caps_h.max() > B)):
         raise ValueError(f"capacities must be (F,)={F} integers in [0, B={B}].")
     if P.t().is_contiguous():
         idx = _fc_topk(P.t(), torch.arange(F, device=P.device), caps_h, F)
-    elif B * F <= _FC_SMALL:
+    elif B * F <= _FC_SMALL or P.device.type != "cpu":  # a GPU transposes P in microseconds
         idx = _fc_topk(P.t().contiguous(), torch.arange(F, device=P.device), caps_h, F)
     else:
         idx = _fc_threshold(P if P.is_contiguous() else P.contiguous(), caps_h, ws)

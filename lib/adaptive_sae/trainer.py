@@ -161,13 +161,10 @@ class _Trainer:
         self._fast = None
         # relu_l1 matches every positive entry: there is nothing sparse to exploit.
         if tcfg.fast_path and cfg.sparsifier != "relu_l1":
-            try:
-                from . import kernels
+            from . import kernels
 
-                self._fast = kernels
-                self._ws = kernels.Workspace()  # the B×F affinities reused across steps
-            except ImportError:
-                self._fast = None
+            self._fast = kernels
+            self._ws = kernels.Workspace()  # the B×F affinities reused across steps
 
     # -- state --
     def save_checkpoint(self) -> Path | None:

@@ -93,7 +93,9 @@ def test_select_topk_matches_naive(B, F, k):
 
 @pytest.mark.parametrize("layout", ["token_major", "feature_major"])
 @pytest.mark.parametrize("B,F,k", [(32, 64, 3.0), (512, 1024, 8.0), (600, 1000, 2.5)])
-def test_select_mutual_choice_exact(B, F, k, layout):
+@pytest.mark.parametrize("block", [1 << 22, 5000])
+def test_select_mutual_choice_exact(B, F, k, layout, block, monkeypatch):
+    monkeypatch.setattr(kernels, "_MASK_BLOCK", block)  # one block, or many
     torch.manual_seed(B + F)
     P = torch.randn(B, F)
     if layout == "feature_major":
@@ -124,9 +126,9 @@ def test_select_mutual_choice_with_workspace_reuses_buffer():
     ws = kernels.Workspace()
     P = torch.randn(300, 1000)
     a = kernels.select_mutual_choice(P, 2400, ws)
-    buf = ws._bufs["mc_mask"]
+    buf = ws._bufs["ge_mask"]
     b = kernels.select_mutual_choice(P, 2400, ws)
-    assert ws._bufs["mc_mask"] is buf and torch.equal(a, b)
+    assert ws._bufs["ge_mask"] is buf and torch.equal(a, b)
     assert as_set(a) == as_set(naive_mutual_choice(P, 2400))
 
 
@@ -169,6 +171,7 @@ def test_select_feature_choice_threshold_path(kind, misleading, monkeypatch):
     B, F = 300, 64
     monkeypatch.setattr(kernels, "_FC_SMALL", 0)
     monkeypatch.setattr(kernels, "_FC_SAMPLE_ROWS", 60)
+    monkeypatch.setattr(kernels, "_MASK_BLOCK", 1000)  # several blocks of the threshold pass
     P = torch.randn(B, F)
     if misleading:
         P[:60] += 3.0  # the sample sees only unusually large values

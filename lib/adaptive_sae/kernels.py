@@ -57,6 +57,9 @@ DENSE_SUBSET_DENSITY = {"cpu": 0.15, "cuda": 0.05}
 _FC_SMALL = 1 << 20
 _FC_SAMPLE_ROWS = 1024
 
+# Threshold passes (Mutual and Feature Choice) compare P in blocks of this many entries.
+_MASK_BLOCK = 1 << 22
+
 # Mutual Choice threshold search: sample size and safety margin in standard deviations.
 _MC_SAMPLE = 1 << 16
 _MC_MARGIN_SD = 4.0
@@ -167,6 +170,25 @@ def _coprime_stride(n: int, samples: int, F: int, B: int) -> int:
     return s
 
 
+def _ge_nonzero(X: Tensor, t: Tensor, ws: Workspace | None) -> Tensor:
+    """Flat indices (row-major) of the entries of a contiguous (R, C) matrix with X >= t (t a
+    scalar or (C,)), ascending. Blocks of rows through a small reused mask, so no R×C mask
+    is ever held."""
+    R, C = X.shape
+    h = max(1, min(R, _MASK_BLOCK // max(1, C)))
+    if ws is not None:
+        buf = ws.get("ge_mask", (h * C,), torch.bool, X.device)
+    else:
+        buf = torch.empty(h * C, dtype=torch.bool, device=X.device)
+    out = []
+    for r0 in range(0, R, h):
+        r1 = min(R, r0 + h)
+        m = buf[: (r1 - r0) * C].view(r1 - r0, C)
+        torch.ge(X[r0:r1], t, out=m)
+        out.append(m.view(-1).nonzero().squeeze(1) + r0 * C)
+    return torch.cat(out) if len(out) > 1 else out[0]
+
+
 @torch.no_grad()
 def select_mutual_choice(P: Tensor, budget: int, ws: Workspace | None = None) -> Tensor:
     """The ``budget`` largest entries of the whole (B, F) matrix: flat indices, ascending.
@@ -187,13 +209,10 @@ def select_mutual_choice(P: Tensor, budget: int, ws: Workspace | None = None) ->
         mean = K / n * s
         r = min(s, int(math.ceil(mean + _MC_MARGIN_SD * math.sqrt(mean) + 8)))
         idx = None
-        mask = ws.get("mc_mask", (n,), torch.bool, P.device) if ws is not None else None
+        rows_of_storage = F if fmajor else B
         while idx is None:
             t = sample.topk(r, sorted=False).values.min()
-            if mask is not None:
-                cand = torch.ge(flat, t, out=mask).nonzero().squeeze(1)
-            else:
-                cand = (flat >= t).nonzero().squeeze(1)
+            cand = _ge_nonzero(flat.view(rows_of_storage, -1), t, ws)
             if cand.numel() >= K:
                 top = flat[cand].topk(K, sorted=False).indices
                 keep = torch.zeros(cand.numel(), dtype=torch.bool, device=P.device)
@@ -300,9 +319,7 @@ def _fc_threshold(P: Tensor, caps_h: Tensor, ws: Workspace | None) -> Tensor:
             sub = sample if bool(sel.all()) else sample.index_select(0, rows)
             tv = sub.topk(int(qs.max()), dim=1, sorted=True).values  # (n, max q)
             t[rows] = tv.gather(1, (qs - 1).to(dev).unsqueeze(1)).squeeze(1)
-        mask = ws.get("fc_mask", (B, F), torch.bool, dev) if ws is not None else None
-        mask = torch.ge(P, t, out=mask) if mask is not None else P >= t
-        cand = mask.view(-1).nonzero().squeeze(1)
+        cand = _ge_nonzero(P, t, ws)
         vals = P.view(-1)[cand]
         cols = cand % F
         short_h = small & (torch.bincount(cols, minlength=F).cpu() < caps_h)
@@ -618,7 +635,7 @@ def sparse_aux_loss(
     feats, P_sub, local = aux_selection(P, feature_mask, allocation, k_aux, deficits)
     n = feats.numel()
     if density_threshold is None:
-        density_threshold = DENSE_SUBSET_DENSITY.get(P.device.type, 0.04)
+        density_threshold = DENSE_SUBSET_DENSITY.get(P.device.type, 0.15)
     with torch.autocast(x_s.device.type, enabled=False):
         if local.numel() >= density_threshold * B * n:
             mask = torch.zeros(B * n, dtype=torch.bool, device=P.device)

@@ -191,6 +191,13 @@ def test_two_point_sweep_runs_skips_records_failures_and_aggregates(workdir, cap
     )
     assert changed.points()[0].name == "x=1__seeds=0-1" and not changed.is_done(changed.points()[0])
 
+    # So is a point whose notebook changed.
+    assert s.is_done(ok)
+    nb = nbformat.read(s.notebook, as_version=4)
+    nb.cells.append(nbformat.v4.new_markdown_cell("An edit."))
+    nbformat.write(nb, s.notebook)
+    assert not s.is_done(ok)
+
 
 def test_points_per_seed_aggregate_their_metrics(workdir, capsys):
     spec = write_sweep(workdir, file="per_seed", grid={"x": [3]}, seeds=[4, 6])

@@ -97,9 +97,13 @@ class Point:
     def run_name(self) -> str:
         return self.parameters[RUN_NAME_PARAMETER]
 
-    def fingerprint(self) -> str:
-        blob = json.dumps(_results.to_jsonable(self.parameters), sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    def fingerprint(self, notebook: Path | None = None) -> str:
+        """A hash of the injected parameters and, when given, of the notebook's content: a
+        point is done only for the same parameters and the same notebook."""
+        blob = json.dumps(_results.to_jsonable(self.parameters), sort_keys=True).encode()
+        if notebook is not None:
+            blob += hashlib.sha256(Path(notebook).read_bytes()).digest()
+        return hashlib.sha256(blob).hexdigest()[:16]
 
 
 @dataclass
@@ -177,14 +181,16 @@ class Sweep:
         return _results.results_root() / self.experiment / point.run_name
 
     def is_done(self, point: Point) -> bool:
-        """Done: a marker recording the same parameters, and the executed notebook beside it."""
+        """Done: a marker recording the same parameters and notebook, and the executed notebook
+        beside it."""
         marker = self.done_marker(point)
         if not marker.is_file() or not self.notebook_output(point).is_file():
             return False
         try:
-            return _results.read_json(marker).get("fingerprint") == point.fingerprint()
+            recorded = _results.read_json(marker).get("fingerprint")
         except (OSError, ValueError):
             return False
+        return recorded == point.fingerprint(self.notebook)
 
 
 def _resolve_notebook(raw: str, yaml_path: Path) -> Path:
@@ -348,7 +354,7 @@ def run_point(sweep: Sweep, point: Point, threads: int | None = None) -> Outcome
         "point": point.name,
         "parameters": point.parameters,
         "labels": point.labels,
-        "fingerprint": point.fingerprint(),
+        "fingerprint": point.fingerprint(sweep.notebook),
         "seconds": round(seconds, 2),
         "notebook": out_nb.name,
         "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

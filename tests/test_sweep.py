@@ -27,7 +27,7 @@ from adaptive_sae import results
 if x == 2:
     raise RuntimeError("point x=2 fails on purpose")
 out = results.ResultsDir("stand_in", run_name)
-rows = [{"seed": s, "rule": r, "value": 10 * x + s + (100 if r == "b" else 0)}
+rows = [{"x": x, "seed": s, "rule": r, "value": 10 * x + s + (100 if r == "b" else 0)}
         for s in seeds for r in ("a", "b")]
 out.save_table("runs", pd.DataFrame(rows))
 out.save_metrics({"value": 10 * x + sum(seeds) / len(seeds), "nested": {"twice": 20 * x}})

@@ -259,6 +259,8 @@ def format_mean_std(mean: float, std: float, digits: int = 3) -> str:
         return "n/a"
     if std is None or (isinstance(std, float) and math.isnan(std)):
         return f"{mean:.{digits}g}"
+    if abs(std) <= 1e-9 * abs(mean):  # identical values up to rounding
+        std = 0.0
     return f"{mean:.{digits}g} ± {std:.2g}"
 
 

@@ -478,7 +478,14 @@ def run_sweeps(
         order = {p.name: i for i, p in enumerate(sweep.points())}
         outcomes[sweep.name].sort(key=lambda o: order[o.point.name])
         if aggregate_after:
-            aggregate(sweep)
+            try:
+                aggregate(sweep)
+            except (SweepError, ValueError, KeyError, OSError) as exc:
+                # the points ran; a table that cannot be built must not hide their outcomes
+                print(f"sweep {sweep.name}: aggregation failed: {exc}", file=sys.stderr)
+                outcomes[sweep.name].append(
+                    Outcome(Point(sweep.name, "(aggregation)", {}, {}), "failed", 0.0, str(exc))
+                )
     return outcomes
 
 
@@ -550,7 +557,15 @@ def collect(sweep: Sweep):
         for k, v in reversed(list(p.labels.items())):
             if k in ("seed", "seeds"):
                 continue
-            df.insert(0, k, _results.format_value(v) if isinstance(v, list) else v)
+            value = _results.format_value(v) if isinstance(v, list) else v
+            if k in df.columns:  # the table already records this parameter: it must agree
+                if not (df[k].astype(str) == str(value)).all():
+                    raise SweepError(
+                        f"point {p.name}: its table's column {k!r} disagrees with the point's "
+                        f"value {value!r}."
+                    )
+                continue
+            df.insert(0, k, value)
         df.insert(0, "point", p.name)
         frames.append(df)
     rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev,book]"
 	@touch $(STAMP)
 
+# pytest over tests/, and nbval executing every notebook at its quick defaults (the claim
+# cells are the assertions).
 test: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests notebooks --nbval-lax
 
 quick: $(STAMP)
 	$(PY) -m adaptive_sae.quick

@@ -308,6 +308,51 @@ def run_worker(spec: dict) -> dict:
     }
 
 
+def run_pair(spec: dict) -> dict:
+    """This suite's step and SAELens's, alternating step by step in one process."""
+    import torch
+
+    device = torch.device(spec["device"])
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    data = _make_data(torch, spec["d"], spec["B"], device)
+    ours = _suite_step(torch, {**spec, "impl": "suite", "rule": spec["rule"]}, data, device)
+    theirs = _saelens_step(
+        torch, {**spec, "impl": "saelens", "rule": spec["sl_rule"]}, data, device
+    )
+    cuda = device.type == "cuda"
+
+    def timed(fn, x):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn(x)
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    t_o, t_t, speed = [], [], []
+    for i in range(spec["warmup"] + spec["steps"]):
+        x = data[i % len(data)]
+        if i % 2:  # alternate which goes first
+            a = timed(ours, x)
+            b = timed(theirs, x)
+        else:
+            b = timed(theirs, x)
+            a = timed(ours, x)
+        if i >= spec["warmup"]:
+            t_o.append(a)
+            t_t.append(b)
+            speed.append(b / a)
+    B = spec["B"]
+    return {
+        **spec,
+        "suite_tokens_per_s": B / statistics.median(t_o),
+        "saelens_tokens_per_s": B / statistics.median(t_t),
+        "speedup": statistics.median(speed),
+    }
+
+
 # ----- driver -----------------------------------------------------------------------------------
 def _saelens_available(python: str) -> bool:
     r = subprocess.run([python, "-c", "import sae_lens"], capture_output=True)
@@ -348,11 +393,20 @@ def main(argv=None) -> int:
     )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--json", default="", help="write all rows to this JSON file")
+    p.add_argument(
+        "--pairs",
+        action="store_true",
+        help="instead: this suite and SAELens alternating step by step in one process",
+    )
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
-        print("RESULT " + json.dumps(run_worker(json.loads(a.worker))), flush=True)
+        spec = json.loads(a.worker)
+        res = run_pair(spec) if spec["impl"] == "pair" else run_worker(spec)
+        print("RESULT " + json.dumps(res), flush=True)
         return 0
+    if a.pairs:
+        return _pairs(a)
 
     use_sl = not a.no_saelens and _saelens_available(sys.executable)
     suites = ["main", "small", "sweep"] if a.suite == "all" else [a.suite]
@@ -416,6 +470,65 @@ def main(argv=None) -> int:
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"machine": _machine(a.device), "rows": results}, f, indent=1)
+    return 0
+
+
+PAIRS = [
+    ("topk", "none", "topk"),
+    ("topk", "aux_k", "topk"),
+    ("mutual_choice", "none", "batch_topk"),
+]
+
+
+def _pairs(a) -> int:
+    if not _saelens_available(sys.executable):
+        print("sae_lens is not installed in this environment; see bench/README.md.")
+        return 1
+    suites = ["main", "small"] if a.suite == "all" else [a.suite]
+    print(f"# {_machine(a.device)}; load average {os.getloadavg()[0]:.2f} at start", flush=True)
+    print("| config | suite step | SAELens step | suite tokens/s | SAELens tokens/s | speedup |")
+    print("|---|---|---|---:|---:|---:|", flush=True)
+    rows = []
+    for s in suites:
+        for conf in CONFIGS[s]:
+            for rule, aux, sl_rule in PAIRS:
+                job = dict(
+                    impl="pair",
+                    rule=rule,
+                    sl_rule=sl_rule,
+                    aux=aux,
+                    device=a.device,
+                    bf16=a.bf16,
+                    steps=a.steps,
+                    warmup=a.warmup,
+                    threads=a.threads,
+                    **conf,
+                )
+                cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(job)]
+                r = subprocess.run(cmd, capture_output=True, text=True)
+                line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
+                c = f"d={job['d']} F={job['F']} k={job['k']} B={job['B']}"
+                tail = "" if aux == "none" else " + aux"
+                if line is None:
+                    err = (r.stderr.strip().splitlines() or ["?"])[-1]
+                    print(f"| {c} | {rule}{tail} | {sl_rule}{tail} | failed: {err} |", flush=True)
+                    continue
+                res = json.loads(line[7:])
+                rows.append(res)
+                print(
+                    f"| {c} | {rule}{'' if aux == 'none' else ' + ' + aux} | {sl_rule}{tail} "
+                    f"| {res['suite_tokens_per_s']:,.0f} | {res['saelens_tokens_per_s']:,.0f} "
+                    f"| {res['speedup']:.2f}x |",
+                    flush=True,
+                )
+    print(
+        f"# load average {os.getloadavg()[0]:.2f} at end; speedup = median over steps of "
+        f"SAELens step time / this suite's step time on the same batch",
+        flush=True,
+    )
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"machine": _machine(a.device), "pairs": rows}, f, indent=1)
     return 0
 
 

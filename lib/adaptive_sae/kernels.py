@@ -175,7 +175,8 @@ def _ge_nonzero(X: Tensor, t: Tensor, ws: Workspace | None) -> Tensor:
     scalar or (C,)), ascending. Blocks of rows through a small reused mask, so no R×C mask
     is ever held."""
     R, C = X.shape
-    h = max(1, min(R, _MASK_BLOCK // max(1, C)))
+    # one block on a GPU: memory is plentiful there and every block is another launch
+    h = R if X.device.type != "cpu" else max(1, min(R, _MASK_BLOCK // max(1, C)))
     if ws is not None:
         buf = ws.get("ge_mask", (h * C,), torch.bool, X.device)
     else:

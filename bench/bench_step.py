@@ -492,6 +492,8 @@ def _pairs(a) -> int:
     for s in suites:
         for conf in CONFIGS[s]:
             for rule, aux, sl_rule in PAIRS:
+                if a.only and rule not in a.only.split(","):
+                    continue
                 job = dict(
                     impl="pair",
                     rule=rule,

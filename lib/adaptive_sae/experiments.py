@@ -70,7 +70,6 @@ def use_threads(threads: int) -> int:
     return torch.get_num_threads()
 
 
-
 def make_source(
     source: str = "synthetic",
     *,
@@ -109,6 +108,17 @@ def collect_tokens(source, n_tokens: int, chunk: int = 4096) -> torch.Tensor:
         if have >= n_tokens:
             break
     return torch.cat(parts).float()
+
+
+def training_data(source, n_tokens: int, max_gib: float = 2.0):
+    """What to train on: the first ``n_tokens`` activations as one tensor when they fit in
+    ``max_gib`` GiB (every SAE of a grid then shares one pass over the source), else the source
+    itself, streamed afresh (and deterministically) for each SAE — e.g. GPT-2 at millions of
+    tokens."""
+    d_in = int(source.d_in)
+    if n_tokens * d_in * 4 <= max_gib * 2**30:
+        return collect_tokens(source, n_tokens)
+    return source
 
 
 @dataclass
@@ -302,6 +312,7 @@ def checkpoint_curve(
     lr: float | None = None,
     sae_kwargs: Mapping[str, Any] | None = None,
     train_kwargs: Mapping[str, Any] | None = None,
+    device: str = "cpu",
 ) -> tuple[pd.DataFrame, Trained]:
     """Train one SAE keeping a checkpoint every ``checkpoint_every`` steps, then evaluate each
     checkpoint on held-out tokens (training rule): NMSE, dead % (no match on those tokens),
@@ -311,7 +322,7 @@ def checkpoint_curve(
     from .sae import SparseAutoencoder
 
     n_steps = total_tokens // batch_size
-    kwargs = dict(train_kwargs or {})
+    kwargs = {"device": device, **dict(train_kwargs or {})}
     kwargs.update(checkpoint_every=checkpoint_every, keep_checkpoints=n_steps + 1)
     d_in = int(data.shape[1]) if isinstance(data, torch.Tensor) else int(data.d_in)
     cfg = SAEConfig(
@@ -386,12 +397,13 @@ def train_grid(
     keep_runs: bool = False,
     keep_l0: bool = False,
     progress: bool = True,
+    device: str = "cpu",
 ) -> Grid:
     """Train every combination of rule x k x width x auxiliary loss x input scaling x learning
     rate x seed on the same data, evaluate each on ``eval_set``, and return tidy tables
     (:class:`Grid`). ``lrs`` holds learning rates to try (None: the library's default); pick the
     best per rule afterwards with :func:`best_lr`, so that no rule loses merely for preferring
-    another learning rate."""
+    another learning rate. ``device`` is where the SAEs train ("cpu", "cuda", ...)."""
     from tqdm.auto import tqdm
 
     combos = list(
@@ -413,7 +425,7 @@ def train_grid(
             input_scaling=scaling,
             lr=lr,
             sae_kwargs=sae_kwargs,
-            train_kwargs=train_kwargs,
+            train_kwargs={"device": device, **dict(train_kwargs or {})},
         )
         key = trained.key()
         h = trained.run.history
@@ -810,6 +822,7 @@ __all__ = [
     "time_steps",
     "train_grid",
     "train_one",
+    "training_data",
     "use_threads",
     "with_mean_std_text",
     "zipf_curve",

@@ -253,8 +253,6 @@ def check_compatible(cfg: SAEConfig, tcfg: TrainConfig) -> None:
             )
         if K > F * B:
             raise ConfigError(f"K = {K} exceeds n_features * batch_size = {F * B}; lower k.")
-    if tcfg.aux_loss != "none" and cfg.sparsifier == "relu_l1":
-        pass  # allowed: the auxiliary losses only need pre-activations and a residual
 
 
 __all__ = [

@@ -209,6 +209,7 @@ def train_one(
     sae_kwargs: Mapping[str, Any] | None = None,
     train_kwargs: Mapping[str, Any] | None = None,
     d_in: int | None = None,
+    checkpoint_dir=None,
 ) -> Trained:
     """Train one SAE with the library's recipe; ``sae_kwargs``/``train_kwargs`` pass any other
     ``SAEConfig``/``TrainConfig`` field."""
@@ -231,7 +232,7 @@ def train_one(
         **dict(train_kwargs or {}),
     )
     t0 = time.perf_counter()
-    run = train(cfg, tcfg, data)
+    run = train(cfg, tcfg, data, checkpoint_dir=checkpoint_dir)
     return Trained(
         rule, k, n_features, seed, aux_loss, input_scaling, run, time.perf_counter() - t0
     )
@@ -324,27 +325,20 @@ def checkpoint_curve(
     n_steps = total_tokens // batch_size
     kwargs = {"device": device, **dict(train_kwargs or {})}
     kwargs.update(checkpoint_every=checkpoint_every, keep_checkpoints=n_steps + 1)
-    d_in = int(data.shape[1]) if isinstance(data, torch.Tensor) else int(data.d_in)
-    cfg = SAEConfig(
-        d_in=d_in,
-        n_features=n_features,
-        sparsifier=rule,
+    trained = train_one(
+        data,
+        rule,
         k=k,
-        input_scaling=input_scaling,
-        **dict(sae_kwargs or {}),
-    )
-    tcfg = TrainConfig(
+        n_features=n_features,
+        seed=seed,
         batch_size=batch_size,
         total_tokens=total_tokens,
         aux_loss=aux_loss,
-        seed=seed,
+        input_scaling=input_scaling,
         lr=lr,
-        **kwargs,
-    )
-    t0 = time.perf_counter()
-    run = train(cfg, tcfg, data, checkpoint_dir=checkpoint_dir)
-    trained = Trained(
-        rule, k, n_features, seed, aux_loss, input_scaling, run, time.perf_counter() - t0
+        sae_kwargs=sae_kwargs,
+        train_kwargs=kwargs,
+        checkpoint_dir=checkpoint_dir,
     )
     rows = []
     for folder in sorted(Path(checkpoint_dir).glob("step_*")):

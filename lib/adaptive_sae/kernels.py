@@ -46,6 +46,8 @@ import torch
 import torch.nn.functional as F_
 from torch import Tensor
 
+from .losses import deficit_capacities
+
 # A selection of density above this (selected / (B · columns involved)) is reconstructed by a
 # dense product on the column subset rather than by gathers. On a 2-core CPU (B=4096, d=512,
 # F=8192, aux_k on 432 or 2048 features) the two cost the same at a density of about 0.15;
@@ -597,7 +599,7 @@ def aux_selection(
     elif allocation == "deficit":
         if deficits is None:
             raise ValueError("deficit allocation needs `deficits` (γ·ρ* − ρ per feature).")
-        caps = torch.ceil(B * deficits[feats].double()).long().clamp(1, B)
+        caps = deficit_capacities(deficits[feats], B)
         local = select_feature_choice(P_sub, caps)
     else:
         raise ValueError(f"allocation={allocation!r} is not known; use 'deficit' or 'topk'.")

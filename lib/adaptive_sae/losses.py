@@ -35,6 +35,11 @@ def l1_penalty(codes: Tensor, W_dec: Tensor) -> Tensor:
     return (codes * W_dec.norm(dim=1)).sum(-1).mean()
 
 
+def deficit_capacities(deficits: Tensor, batch_size: int) -> Tensor:
+    """aux_zipf's ``deficit`` allocation: feature j may choose ⌈B·deficit_j⌉ tokens, in [1, B]."""
+    return torch.ceil(batch_size * deficits.double()).long().clamp(1, batch_size)
+
+
 def _aux_codes(
     pre_acts_sub: Tensor,
     allocation: Literal["deficit", "topk"],
@@ -49,8 +54,7 @@ def _aux_codes(
     if allocation == "deficit":
         if deficits_sub is None:
             raise ValueError("deficit allocation needs `deficits` (γ·ρ* − ρ per feature).")
-        caps = torch.ceil(B * deficits_sub.double()).long().clamp(1, B)
-        return sparsifiers.feature_choice(pre_acts_sub, caps)
+        return sparsifiers.feature_choice(pre_acts_sub, deficit_capacities(deficits_sub, B))
     raise ValueError(f"allocation={allocation!r} is not known; use 'deficit' or 'topk'.")
 
 
@@ -105,6 +109,7 @@ def aux_zipf_loss(
 __all__ = [
     "normalized_mse",
     "l1_penalty",
+    "deficit_capacities",
     "aux_reconstruction_loss",
     "aux_k_loss",
     "aux_zipf_loss",

@@ -118,6 +118,7 @@ def _train_tokens(q: QuickConfig) -> torch.Tensor:
     return torch.cat([b for _, b in zip(range(n_batches), src.batches(q.batch_size))])
 
 
+@functools.lru_cache(maxsize=4)
 def _eval_split(q: QuickConfig, split: str):
     """Validation = first eval_tokens held-out tokens, test = the next eval_tokens."""
     sample = q.source().sample_with_truth(2 * q.eval_tokens, split="val")

@@ -3,10 +3,10 @@ and the experiments of Ayonrinde (2024), "Adaptive Sparse Allocation with Mutual
 Feature Choice Sparse Autoencoders".
 
     import adaptive_sae as asae
-    cfg = asae.SAEConfig(d_in=64, n_features=512, sparsifier="mutual_choice", k=8)
+    cfg = asae.SAEConfig(d_in=64, n_features=512, rule="mutual_choice", k=8)
     tcfg = asae.TrainConfig(batch_size=1024, total_tokens=1_000_000, aux_loss="aux_zipf")
     run = asae.train(cfg, tcfg, data)
-    asae.evaluate(run.sae, x, rule="inference")
+    asae.evaluate(run.sae, x, mode="inference")
 """
 
 from __future__ import annotations
@@ -22,9 +22,13 @@ _LAZY = {
     "SparseAutoencoder": ("sae", "SparseAutoencoder"),
     "train": ("trainer", "train"),
     "TrainRun": ("trainer", "TrainRun"),
+    "Trainer": ("trainer", "Trainer"),
+    "Evaluation": ("metrics", "Evaluation"),
     "NonFiniteError": ("trainer", "NonFiniteError"),
     "evaluate": ("metrics", "evaluate"),
-    "sparsifiers": ("sparsifiers", None),
+    "rules": ("rules", None),
+    "register_rule": ("rules", "register_rule"),
+    "sparse_ops": ("sparse_ops", None),
     "zipf": ("zipf", None),
     "losses": ("losses", None),
     "metrics": ("metrics", None),

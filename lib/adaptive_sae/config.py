@@ -12,15 +12,6 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-SparsifierName = Literal[
-    "topk", "feature_choice", "feature_choice_zipf", "mutual_choice", "batch_topk", "relu_l1"
-]
-SPARSIFIERS: tuple[str, ...] = get_args(SparsifierName)
-# Rules whose training-time selection depends on the whole batch.
-BATCH_RULES = ("feature_choice", "feature_choice_zipf", "mutual_choice", "batch_topk")
-FEATURE_CHOICE_RULES = ("feature_choice", "feature_choice_zipf")
-MUTUAL_CHOICE_RULES = ("mutual_choice", "batch_topk")
-
 AuxLossName = Literal["none", "aux_k", "aux_zipf"]
 AUX_LOSSES: tuple[str, ...] = get_args(AuxLossName)
 
@@ -64,9 +55,10 @@ class SAEConfig(_JsonMixin):
     """Dimension of the activations the SAE reads."""
     n_features: int
     """Number of dictionary features F."""
-    sparsifier: SparsifierName = "topk"
-    """Allocation rule: topk, feature_choice (uniform capacities), feature_choice_zipf,
-    mutual_choice, batch_topk (Mutual Choice under its usual name), relu_l1 (baseline)."""
+    rule: str = "topk"
+    """Allocation rule, any name in ``adaptive_sae.rules.rule_names()``: topk, mutual_choice
+    (alias batch_topk), feature_choice (uniform capacities), feature_choice_zipf, relu_l1
+    (baseline), or one registered with ``adaptive_sae.rules.register_rule``."""
     k: float = 8.0
     """Mean number of matches per token: the budget is K = int(k * B). For relu_l1 it is the
     target mean L0 that the adaptive L1 coefficient steers towards."""
@@ -92,7 +84,6 @@ class SAEConfig(_JsonMixin):
     """Initial decoder bias: geometric median (Weiszfeld) or mean of a sample, or zeros."""
 
     def __post_init__(self) -> None:
-        _check_choice("sparsifier", self.sparsifier, SPARSIFIERS)
         _check_choice("input_scaling", self.input_scaling, ("global", "per_token", "none"))
         _check_choice("capacity_ranking", self.capacity_ranking, ("fixed", "demand"))
         _check_choice("b_dec_init", self.b_dec_init, ("geometric_median", "mean", "zeros"))
@@ -107,14 +98,15 @@ class SAEConfig(_JsonMixin):
                 f"k={self.k} exceeds n_features={self.n_features}: a token cannot match more "
                 f"features than exist; lower k or raise n_features."
             )
-        if self.sparsifier == "topk" and int(self.k) != self.k:
-            raise ConfigError(f"k={self.k}: topk needs an integer k; round it.")
         if self.zipf_alpha < 0 or not math.isfinite(self.zipf_alpha):
             raise ConfigError(f"zipf_alpha={self.zipf_alpha} must be finite and >= 0.")
         if self.zipf_beta < 0 or not math.isfinite(self.zipf_beta):
             raise ConfigError(f"zipf_beta={self.zipf_beta} must be finite and >= 0.")
         if not 0.0 <= self.threshold_momentum < 1.0:
             raise ConfigError(f"threshold_momentum={self.threshold_momentum} must be in [0, 1).")
+        from .rules import get_rule  # the rules import this module
+
+        get_rule(self.rule).check(self)
 
     def budget(self, batch_size: int) -> int:
         """K = int(k * B): the total number of matches a batch of B tokens may spend."""
@@ -180,8 +172,6 @@ class TrainConfig(_JsonMixin):
     """Torch device ('cpu', 'cuda', 'cuda:1', ...)."""
     autocast_bf16: bool = False
     """Run the SAE forward in bfloat16 autocast (GPU); weights and optimiser stay fp32."""
-    fast_path: bool = True
-    """Use the sparse gather/scatter kernels (kernels.py) instead of dense autograd."""
 
     def __post_init__(self) -> None:
         self.adam_betas = tuple(self.adam_betas)  # JSON gives a list
@@ -237,33 +227,16 @@ def resolve_k_aux(tcfg: TrainConfig, d_in: int) -> int:
 
 def check_compatible(cfg: SAEConfig, tcfg: TrainConfig) -> None:
     """Cross-checks between the SAE and its training run; raises ConfigError with the fix."""
-    B, F = tcfg.batch_size, cfg.n_features
-    K = cfg.budget(B)
-    if cfg.sparsifier in BATCH_RULES and K < 1:
-        raise ConfigError(
-            f"k * batch_size = {cfg.k} * {B} < 1: the batch has no match to spend; "
-            f"raise batch_size or k."
-        )
-    if cfg.sparsifier in FEATURE_CHOICE_RULES:
-        if K < F:
-            raise ConfigError(
-                f"Feature Choice gives every feature at least one match, so it needs "
-                f"K = int(k * batch_size) = {K} >= n_features = {F}; raise batch_size to at "
-                f"least {math.ceil(F / cfg.k)} or lower n_features."
-            )
-        if K > F * B:
-            raise ConfigError(f"K = {K} exceeds n_features * batch_size = {F * B}; lower k.")
+    from .rules import get_rule
+
+    get_rule(cfg.rule).check_training(cfg, tcfg)
 
 
 __all__ = [
     "SAEConfig",
     "TrainConfig",
     "ConfigError",
-    "SPARSIFIERS",
     "AUX_LOSSES",
-    "BATCH_RULES",
-    "FEATURE_CHOICE_RULES",
-    "MUTUAL_CHOICE_RULES",
     "resolve_lr",
     "resolve_k_aux",
     "check_compatible",

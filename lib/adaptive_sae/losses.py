@@ -1,23 +1,37 @@
-r"""Losses (DESIGN §5). Pure functions of tensors; no hidden state.
+r"""Losses (DESIGN §5). Functions of tensors; no hidden state.
 
 NMSE        Σ‖x − x̂‖² / Σ‖x − x̄‖²          (fraction of variance unexplained, x̄ the batch mean)
-aux_k       e = x − x̂ (detached); ê = TopK_{k_aux}(ReLU(P[:, D])) W_dec[D] (no bias);
-            L = Σ‖e − ê‖² / Σ‖e − ē‖², 0 when the dead set D is empty      (Gao et al. 2024)
-aux_zipf    the same on the underutilised set U ⊇ D, with ``deficit`` allocation (feature j ∈ U
-            chooses its top-⌈B·deficit_j⌉ tokens of P[:, j]) or ``topk`` allocation
-            (top-k_aux of U per token). With ``topk`` and U = D it equals aux_k exactly.
+L1          mean over tokens of Σ_j z_j·‖W_dec,j‖                         (the ReLU+L1 baseline)
+aux         e = x − x̂ (detached); ê = ReLU(P) at an auxiliary selection on a feature set S,
+            times W_dec[S] (no bias); L = Σ‖e − ê‖² / Σ‖e − ē‖², 0 when S is empty.
+  aux_k     S = the dead set D, top-k_aux of S per token                  (Gao et al. 2024)
+  aux_zipf  S = the underutilised set U ⊇ D, with ``deficit`` allocation (feature j ∈ U chooses
+            its top-⌈B·deficit_j⌉ tokens of P[:, j]) or ``topk`` allocation (top-k_aux of U per
+            token). With ``topk`` and U = D it is aux_k.
+
+The auxiliary reconstruction runs through the sparse kernel (``sparse_ops``) when the selection
+is sparse and as a dense product on the column subset when it is dense.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor
 
-from . import sparsifiers
+from .rules.feature_choice import select_feature_choice
+from .sparse_ops import DENSE_SUBSET_DENSITY, sparse_reconstruct, subset_reconstruct
 
 _EPS = 1e-12
+Allocation = Literal["deficit", "topk"]
+
+
+class SAEParameters(Protocol):
+    W_enc: Tensor  # (d, F)
+    b_enc: Tensor  # (F,)
+    W_dec: Tensor  # (F, d)
+    b_dec: Tensor  # (d,)
 
 
 def normalized_mse(x: Tensor, x_hat: Tensor) -> Tensor:
@@ -40,69 +54,104 @@ def deficit_capacities(deficits: Tensor, batch_size: int) -> Tensor:
     return torch.ceil(batch_size * deficits.double()).long().clamp(1, batch_size)
 
 
-def _aux_codes(
-    pre_acts_sub: Tensor,
-    allocation: Literal["deficit", "topk"],
-    k_aux: int | None,
-    deficits_sub: Tensor | None,
-) -> Tensor:
-    B, n = pre_acts_sub.shape
+def _topk_local(P_sub: Tensor, k: int) -> Tensor:
+    """Flat (B·k,) indices into a column subset (B, n) of each row's top-k (rows ascending)."""
+    B, n = P_sub.shape
+    k = min(int(k), n)
+    if k == n:
+        return torch.arange(B * n, device=P_sub.device)
+    cols = P_sub.topk(k, dim=1, sorted=False).indices  # (B, k)
+    return (cols + torch.arange(B, device=P_sub.device).unsqueeze(1) * n).reshape(-1)
+
+
+@torch.no_grad()
+def aux_selection(
+    P: Tensor,
+    feature_mask: Tensor,
+    allocation: Allocation,
+    k_aux: int | None = None,
+    deficits: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The auxiliary selection restricted to the features of ``feature_mask``.
+
+    Returns (feats (n,), P_sub = P[:, feats] (B, n), flat indices into P_sub)."""
+    B = P.shape[0]
+    feats = feature_mask.nonzero().squeeze(1)
+    P_sub = P.index_select(1, feats)  # (B, n)
     if allocation == "topk":
         if k_aux is None or k_aux < 1:
             raise ValueError(f"topk allocation needs k_aux >= 1, got {k_aux}.")
-        return sparsifiers.topk(pre_acts_sub, min(int(k_aux), n))
-    if allocation == "deficit":
-        if deficits_sub is None:
+        local = _topk_local(P_sub, k_aux)
+    elif allocation == "deficit":
+        if deficits is None:
             raise ValueError("deficit allocation needs `deficits` (γ·ρ* − ρ per feature).")
-        return sparsifiers.feature_choice(pre_acts_sub, deficit_capacities(deficits_sub, B))
-    raise ValueError(f"allocation={allocation!r} is not known; use 'deficit' or 'topk'.")
+        local = select_feature_choice(P_sub, deficit_capacities(deficits[feats], B))
+    else:
+        raise ValueError(f"allocation={allocation!r} is not known; use 'deficit' or 'topk'.")
+    return feats, P_sub, local
 
 
-def aux_reconstruction_loss(
+def aux_loss(
     residual: Tensor,
-    pre_acts: Tensor,
-    W_dec: Tensor,
+    x_s: Tensor,
+    P: Tensor,
+    sae: SAEParameters,
     feature_mask: Tensor,
-    allocation: Literal["deficit", "topk"] = "topk",
+    allocation: Allocation = "topk",
     k_aux: int | None = None,
     deficits: Tensor | None = None,
+    density_threshold: float | None = None,
 ) -> Tensor:
-    """Normalised error of reconstructing the detached residual from the masked features."""
-    if feature_mask.dtype != torch.bool or feature_mask.shape != (pre_acts.shape[-1],):
+    """Normalised error of reconstructing the detached residual from the masked features.
+
+    ``x_s`` (B, d) scaled inputs and ``P`` (B, F) their affinities (no grad needed: the gradient
+    reaches W_enc, b_enc and b_dec through the kernel's own backward, W_dec through ê)."""
+    if feature_mask.dtype != torch.bool or feature_mask.shape != (P.shape[1],):
         raise ValueError(
-            f"feature_mask must be a bool tensor of shape ({pre_acts.shape[-1]},), got "
+            f"feature_mask must be a bool tensor of shape ({P.shape[1]},), got "
             f"{feature_mask.dtype} {tuple(feature_mask.shape)}."
         )
-    features = feature_mask.nonzero().squeeze(1)  # (n,)
-    if features.numel() == 0:
-        return pre_acts.new_zeros(())
-    e = residual.detach()  # (B, d)
-    sub_def = deficits[features] if deficits is not None else None
-    codes = _aux_codes(pre_acts[:, features], allocation, k_aux, sub_def)  # (B, n)
-    e_hat = codes @ W_dec[features]  # (B, d), no bias
+    if not bool(feature_mask.any()):
+        return x_s.new_zeros(())
+    B, F = P.shape
+    e = residual.detach()
+    P = P.detach()
+    feats, P_sub, local = aux_selection(P, feature_mask, allocation, k_aux, deficits)
+    n = feats.numel()
+    if density_threshold is None:
+        density_threshold = DENSE_SUBSET_DENSITY.get(P.device.type, 0.15)
+    params = (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)
+    if local.numel() >= density_threshold * B * n:
+        mask = torch.zeros(B * n, dtype=torch.bool, device=P.device)
+        mask[local] = True
+        e_hat = subset_reconstruct(x_s, *params, P_sub, feats, mask.view(B, n), False)
+    else:
+        r = torch.div(local, n, rounding_mode="floor")
+        flat = r * F + feats[local - r * n]
+        e_hat = sparse_reconstruct(x_s, *params, flat, P, False).x_hat
+    e = e.to(e_hat.dtype)
     return (e - e_hat).pow(2).sum() / (e - e.mean(0, keepdim=True)).pow(2).sum().clamp_min(_EPS)
 
 
-def aux_k_loss(
-    residual: Tensor, pre_acts: Tensor, W_dec: Tensor, dead_mask: Tensor, k_aux: int
-) -> Tensor:
+def aux_k_loss(residual, x_s, P, sae: SAEParameters, dead_mask: Tensor, k_aux: int) -> Tensor:
     """OpenAI's aux_k_loss: reconstruct the residual from the top-k_aux dead features per token."""
-    return aux_reconstruction_loss(residual, pre_acts, W_dec, dead_mask, "topk", k_aux=k_aux)
+    return aux_loss(residual, x_s, P, sae, dead_mask, "topk", k_aux=k_aux)
 
 
 def aux_zipf_loss(
-    residual: Tensor,
-    pre_acts: Tensor,
-    W_dec: Tensor,
+    residual,
+    x_s,
+    P,
+    sae: SAEParameters,
     underutilised_mask: Tensor,
-    allocation: Literal["deficit", "topk"] = "deficit",
+    allocation: Allocation = "deficit",
     *,
     deficits: Tensor | None = None,
     k_aux: int | None = None,
 ) -> Tensor:
     """aux_zipf_loss: aux_k generalised to dead and underutilised features (DESIGN §5)."""
-    return aux_reconstruction_loss(
-        residual, pre_acts, W_dec, underutilised_mask, allocation, k_aux=k_aux, deficits=deficits
+    return aux_loss(
+        residual, x_s, P, sae, underutilised_mask, allocation, k_aux=k_aux, deficits=deficits
     )
 
 
@@ -110,7 +159,8 @@ __all__ = [
     "normalized_mse",
     "l1_penalty",
     "deficit_capacities",
-    "aux_reconstruction_loss",
+    "aux_selection",
+    "aux_loss",
     "aux_k_loss",
     "aux_zipf_loss",
 ]

@@ -23,11 +23,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from . import sparsifiers, zipf
-from .config import FEATURE_CHOICE_RULES, MUTUAL_CHOICE_RULES, ConfigError, SAEConfig
+from .config import ConfigError, SAEConfig
 from .results import atomic_write_bytes
+from .rules import codes_at, get_rule
 
-Rule = Literal["train", "inference"]
+Mode = Literal["train", "inference"]
+"""train: the allocation rule on the batch given; inference: its batch-independent form."""
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "cfg.json"
 
@@ -52,11 +53,12 @@ def geometric_median(x: Tensor, iters: int = 100, eps: float = 1e-8) -> Tensor:
 
 
 class SparseAutoencoder(nn.Module):
-    """A TopK / Feature Choice / Mutual Choice / ReLU+L1 sparse autoencoder."""
+    """A sparse autoencoder whose allocation rule is ``cfg.rule`` (any registered rule)."""
 
     def __init__(self, cfg: SAEConfig, generator: torch.Generator | None = None):
         super().__init__()
         self.cfg = cfg
+        self.rule = get_rule(cfg.rule)
         d, F = cfg.d_in, cfg.n_features
         W_dec = torch.randn(F, d, generator=generator)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
@@ -65,12 +67,9 @@ class SparseAutoencoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(F))
         self.b_dec = nn.Parameter(torch.zeros(d))
         self.register_buffer("input_scale", torch.ones(()))
-        self.register_buffer("mc_threshold", torch.full((), float("nan")))
-        self.register_buffer("fc_thresholds", torch.full((F,), float("nan")))
-        # capacity_order[r] = the feature holding the rank-r capacity slot (Feature Choice).
-        self.register_buffer("capacity_order", torch.arange(F))
         self.register_buffer("train_batch_size", torch.zeros((), dtype=torch.long))
-        self._capacity_cache: dict[tuple[int, str], Tensor] = {}
+        for name, value in self.rule.buffers(cfg).items():
+            self.register_buffer(name, value)
 
     # ----- scaling -------------------------------------------------------------------------
     @torch.no_grad()
@@ -107,76 +106,19 @@ class SparseAutoencoder(nn.Module):
         """Affinities P = (x_s − b_dec) W_enc + b_enc for scaled inputs (..., d) -> (..., F)."""
         return (x_s - self.b_dec) @ self.W_enc + self.b_enc
 
-    def capacities_for(self, batch_size: int) -> Tensor:
-        """Feature Choice capacities (F,) int64 for a batch of this size, by feature index."""
-        cfg = self.cfg
-        key = (int(batch_size), str(self.capacity_order.device))
-        cached = self._capacity_cache.get(key)
-        if cached is None:
-            K, F = cfg.budget(batch_size), cfg.n_features
-            alpha = cfg.zipf_alpha if cfg.sparsifier == "feature_choice_zipf" else 0.0
-            cached = zipf.zipf_capacities(
-                F, K, batch_size, alpha, cfg.zipf_beta, min_capacity=1 if K >= F else 0
-            ).to(self.capacity_order.device)
-            self._capacity_cache[key] = cached
-        caps = torch.empty_like(cached)
-        caps[self.capacity_order] = cached
-        return caps
-
-    def select(self, P: Tensor) -> Tensor:
-        """Flat indices (b·F + f) of the training rule's matches in P (B, F)."""
-        cfg, B = self.cfg, P.shape[0]
-        if cfg.sparsifier == "topk":
-            return sparsifiers.select_topk(P, int(cfg.k))
-        if cfg.sparsifier in MUTUAL_CHOICE_RULES:
-            return sparsifiers.select_mutual_choice(P, max(1, cfg.budget(B)))
-        if cfg.sparsifier in FEATURE_CHOICE_RULES:
-            return sparsifiers.select_feature_choice(P, self.capacities_for(B))
-        return (P > 0).reshape(-1).nonzero().squeeze(1)  # relu_l1
-
-    def has_thresholds(self) -> bool:
-        if self.cfg.sparsifier in MUTUAL_CHOICE_RULES:
-            return bool(torch.isfinite(self.mc_threshold))
-        if self.cfg.sparsifier in FEATURE_CHOICE_RULES:
-            return bool(torch.isfinite(self.fc_thresholds).all())
-        return True
-
-    @torch.no_grad()
-    def update_thresholds(self, P: Tensor, flat_idx: Tensor) -> None:
-        """EMA of the inference thresholds from one training batch's selection (DESIGN §4)."""
-        m = self.cfg.threshold_momentum
-        if self.cfg.sparsifier in MUTUAL_CHOICE_RULES:
-            v = P.reshape(-1)[flat_idx].min()
-            old = self.mc_threshold
-            self.mc_threshold.copy_(torch.where(torch.isfinite(old), m * old + (1 - m) * v, v))
-        elif self.cfg.sparsifier in FEATURE_CHOICE_RULES:
-            F = P.shape[1]
-            vals = P.reshape(-1)[flat_idx]
-            col_min = torch.full((F,), float("inf"), device=P.device, dtype=P.dtype)
-            col_min.scatter_reduce_(0, flat_idx % F, vals, reduce="amin")
-            seen = torch.isfinite(col_min)
-            old = self.fc_thresholds
-            new = torch.where(torch.isfinite(old), m * old + (1 - m) * col_min, col_min)
-            self.fc_thresholds.copy_(torch.where(seen, new, old))
-
-    def codes_from_pre_acts(self, P: Tensor, rule: Rule = "train") -> Tensor:
-        """Codes (B, F) from affinities under the training rule or the per-token inference rule."""
-        if rule == "train":
-            return sparsifiers.codes_from_indices(P, self.select(P))
-        if rule != "inference":
-            raise ValueError(f"rule={rule!r} is not known; use 'train' or 'inference'.")
-        s = self.cfg.sparsifier
-        if s == "topk":
-            return sparsifiers.topk(P, int(self.cfg.k))
-        if s == "relu_l1":
-            return P.relu()
-        if not self.has_thresholds():
+    def codes_from_pre_acts(self, P: Tensor, mode: Mode = "train") -> Tensor:
+        """Codes (B, F) from affinities: the training rule on P as one batch, or the rule's
+        per-token inference rule (DESIGN §4). No autograd (training uses ``sparse_ops``)."""
+        if mode == "train":
+            return codes_at(P, self.rule.select(self, P.detach()))
+        if mode != "inference":
+            raise ValueError(f"mode={mode!r} is not known; use 'train' or 'inference'.")
+        if not self.rule.ready(self):
             raise RuntimeError(
-                f"this {s} SAE has no inference threshold yet (it was never trained); use "
-                f"rule='train' on batches, or train it first."
+                f"this {self.cfg.rule} SAE has no inference threshold yet (it was never "
+                f"trained); use mode='train' on batches, or train it first."
             )
-        theta = self.mc_threshold if s in MUTUAL_CHOICE_RULES else self.fc_thresholds
-        return sparsifiers.threshold(P, theta)
+        return self.rule.infer(self, P.detach())
 
     # ----- public encode / decode -----------------------------------------------------------
     def _check_input(self, x: Tensor) -> None:
@@ -186,13 +128,13 @@ class SparseAutoencoder(nn.Module):
                 f"{self.cfg.d_in}; pass activations of the hook it was trained on."
             )
 
-    def encode(self, x: Tensor, rule: Rule = "train") -> Tensor:
+    def encode(self, x: Tensor, mode: Mode = "train") -> Tensor:
         """Codes (..., F) for raw inputs x (..., d). The training rule treats all leading
-        positions as one batch."""
+        positions as one batch; the inference rule is per token."""
         self._check_input(x)
         lead = x.shape[:-1]
         P = self.pre_acts(self.scale_input(x.reshape(-1, self.cfg.d_in)))
-        return self.codes_from_pre_acts(P, rule).reshape(*lead, self.cfg.n_features)
+        return self.codes_from_pre_acts(P, mode).reshape(*lead, self.cfg.n_features)
 
     def decode(self, codes: Tensor) -> Tensor:
         """Reconstruction (..., d) from codes. In input units for global or no scaling; in
@@ -200,13 +142,13 @@ class SparseAutoencoder(nn.Module):
         x_hat_s = codes @ self.W_dec + self.b_dec
         return x_hat_s / self.input_scale if self.cfg.input_scaling == "global" else x_hat_s
 
-    def reconstruct(self, x: Tensor, rule: Rule = "inference") -> Tensor:
-        """x̂ (..., d) in the units of x, for either rule."""
+    def reconstruct(self, x: Tensor, mode: Mode = "inference") -> Tensor:
+        """x̂ (..., d) in the units of x, under the training or the inference rule."""
         self._check_input(x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.cfg.d_in)
         x_s = self.scale_input(x2)
-        codes = self.codes_from_pre_acts(self.pre_acts(x_s), rule)
+        codes = self.codes_from_pre_acts(self.pre_acts(x_s), mode)
         return self.unscale_output(codes @ self.W_dec + self.b_dec, x2).reshape(*lead, -1)
 
     forward = reconstruct
@@ -252,4 +194,4 @@ class SparseAutoencoder(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.cfg
-        return f"d_in={c.d_in}, n_features={c.n_features}, sparsifier={c.sparsifier}, k={c.k}"
+        return f"d_in={c.d_in}, n_features={c.n_features}, rule={c.rule}, k={c.k}"

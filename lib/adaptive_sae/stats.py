@@ -104,8 +104,8 @@ class FeatureStats:
 
     def summary(self) -> dict[str, float]:
         return {
-            "dead_frac": float(self.dead_mask.float().mean()),
-            "underutilised_frac": float(self.underutilised_mask.float().mean()),
+            "dead_pct": 100.0 * float(self.dead_mask.float().mean()),
+            "underutilised_pct": 100.0 * float(self.underutilised_mask.float().mean()),
             "zipf_alpha": float("nan") if self.fit is None else self.fit.alpha,
             "zipf_r2": float("nan") if self.fit is None else self.fit.r2,
         }

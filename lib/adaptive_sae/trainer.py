@@ -34,7 +34,9 @@ from .config import (
     resolve_k_aux,
     resolve_lr,
 )
+from .rules import get_rule
 from .sae import SparseAutoencoder, atomic_save_tensors, atomic_write_bytes
+from .sparse_ops import Workspace, affinities, sparse_reconstruct, values_at
 from .stats import FeatureStats
 
 
@@ -130,8 +132,22 @@ def _latest_checkpoint(root: Path) -> Path:
     return root / pointer.read_text().strip()
 
 
-class _Trainer:
-    def __init__(self, cfg: SAEConfig, tcfg: TrainConfig, checkpoint_dir: Path | None):
+class Trainer:
+    """One SAE and everything its training needs: optimiser, feature statistics, schedule,
+    checkpoints. ``step(x)`` trains on one (B, d) batch of raw activations; ``fit(data)``
+    runs the whole budget (what :func:`train` calls).
+
+        t = Trainer(cfg, tcfg)
+        t.init_from_data(sample)           # input scale and b_dec from a sample
+        for x in batches: row = t.step(x)  # a history row on logged steps, else None
+    """
+
+    def __init__(
+        self,
+        cfg: SAEConfig,
+        tcfg: TrainConfig,
+        checkpoint_dir: str | os.PathLike | None = None,
+    ):
         check_compatible(cfg, tcfg)
         self.cfg, self.tcfg = cfg, tcfg
         self.device = torch.device(tcfg.device)
@@ -154,17 +170,12 @@ class _Trainer:
             tcfg.zipf_head_fraction,
             self.device,
         )
-        self.l1_coef = tcfg.l1_coefficient
-        self.step = 0
+        self.rule = get_rule(cfg.rule)
+        self.rule_state = self.rule.init_train_state(tcfg)
+        self.steps_done = 0
         self.rows: list[dict[str, float]] = []
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-        self._fast = None
-        # relu_l1 matches every positive entry: there is nothing sparse to exploit.
-        if tcfg.fast_path and cfg.sparsifier != "relu_l1":
-            from . import kernels
-
-            self._fast = kernels
-            self._ws = kernels.Workspace()  # the B×F affinities reused across steps
+        self._ws = Workspace()  # the B×F affinities reused across steps
 
     # -- state --
     def save_checkpoint(self) -> Path | None:
@@ -172,7 +183,7 @@ class _Trainer:
             return None
         root = self.checkpoint_dir
         root.mkdir(parents=True, exist_ok=True)
-        name = f"step_{self.step:08d}"
+        name = f"step_{self.steps_done:08d}"
         tmp = root / f".tmp_{name}_{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         self.sae.save(tmp)
@@ -180,7 +191,7 @@ class _Trainer:
         torch.save(self.opt.state_dict(), tmp / "optimizer.pt")
         (tmp / "train_cfg.json").write_text(self.tcfg.to_json())
         pd.DataFrame(self.rows).to_csv(tmp / "history.csv", index=False)
-        state = {"step": self.step, "l1_coef": self.l1_coef, "rows": self.rows}
+        state = {"step": self.steps_done, "rule_state": self.rule_state, "rows": self.rows}
         (tmp / "trainer_state.json").write_text(json.dumps(state))
         final = root / name
         shutil.rmtree(final, ignore_errors=True)
@@ -209,51 +220,52 @@ class _Trainer:
             torch.load(ckpt / "optimizer.pt", map_location=self.device, weights_only=True)
         )
         state = json.loads((ckpt / "trainer_state.json").read_text())
-        self.step, self.l1_coef, self.rows = state["step"], state["l1_coef"], state["rows"]
+        self.steps_done, self.rule_state, self.rows = (
+            state["step"],
+            state["rule_state"],
+            state["rows"],
+        )
 
     # -- one step --
-    def _forward(self, x_s: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """Returns (x_hat_s, P detached, selected flat indices, P with grad or None)."""
-        sae = self.sae
-        if self._fast is not None:
-            k = self._fast
-            P = k.affinities(x_s, sae.W_enc, sae.b_enc, sae.b_dec, self._ws)  # no grad
-            idx = k.select(sae, P, self._ws)
-            x_hat = k.sparse_reconstruct(x_s, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, idx, P)[0]
-            return x_hat, P, idx, None
-        P = sae.pre_acts(x_s)
-        idx = sae.select(P.detach())
-        codes = torch.zeros_like(P).reshape(-1)
-        codes = codes.index_put((idx,), P.reshape(-1)[idx].relu()).reshape(P.shape)
-        return codes @ sae.W_dec + sae.b_dec, P.detach(), idx, P
+    @torch.no_grad()
+    def init_from_data(self, sample: Tensor) -> None:
+        """Input scale and b_dec from a sample (N, d) of raw activations (before step 0)."""
+        sample = sample.to(self.device, torch.float32)
+        if not bool(torch.isfinite(sample).all()):
+            raise NonFiniteError(
+                "the first batches hold non-finite activations; clean the data (e.g. drop "
+                "inf/NaN rows) before training."
+            )
+        self.sae.init_from_data(sample)
 
-    def _aux(self, e: Tensor, P: Tensor, P_grad: Tensor | None, x_s: Tensor) -> Tensor:
-        tcfg, sae, stats = self.tcfg, self.sae, self.stats
+    def _forward(self, x_s: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """Returns (x_hat_s, P without grad, selected flat indices, dense codes or None).
+
+        Sparse rules: the dense product once, then O(K·d) (``sparse_ops``). Dense rules
+        (ReLU+L1, nearly every entry active): dense codes with autograd."""
+        sae = self.sae
+        if self.rule.sparse:
+            P = affinities(x_s, sae.W_enc, sae.b_enc, sae.b_dec, self._ws)
+            idx = self.rule.select(sae, P, self._ws)
+            x_hat = sparse_reconstruct(x_s, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, idx, P)
+            return x_hat.x_hat, P, idx, None
+        P_grad = sae.pre_acts(x_s)
+        P = P_grad.detach()
+        idx = self.rule.select(sae, P, self._ws)
+        mask = torch.zeros(P.numel(), dtype=torch.bool, device=P.device)
+        mask[idx] = True
+        codes = P_grad.relu() * mask.view(P.shape)
+        return codes @ sae.W_dec + sae.b_dec, P, idx, codes
+
+    def _aux(self, e: Tensor, P: Tensor, x_s: Tensor) -> Tensor:
+        tcfg, stats = self.tcfg, self.stats
         if tcfg.aux_loss == "none":
             return x_s.new_zeros(())
         if tcfg.aux_loss == "aux_k":
             mask, alloc, deficits = stats.dead_mask, "topk", None
         else:
             mask, alloc, deficits = stats.underutilised_mask, tcfg.aux_allocation, stats.deficits
-        if not bool(mask.any()):
-            return x_s.new_zeros(())
-        if self._fast is not None:
-            return self._fast.sparse_aux_loss(
-                e,
-                x_s,
-                P,
-                sae.W_enc,
-                sae.b_enc,
-                sae.W_dec,
-                sae.b_dec,
-                mask,
-                alloc,
-                self.k_aux,
-                deficits,
-            )
-        return losses.aux_reconstruction_loss(
-            e, P_grad, sae.W_dec, mask, alloc, k_aux=self.k_aux, deficits=deficits
-        )
+        return losses.aux_loss(e, x_s, P, self.sae, mask, alloc, self.k_aux, deficits)
 
     def _fail(self, step: int, what: str) -> None:
         where = self.save_checkpoint()
@@ -267,9 +279,12 @@ class _Trainer:
             f"inf/NaN, or lower the learning rate."
         )
 
-    def train_step(self, x: Tensor) -> dict[str, float] | None:
+    def step(self, x: Tensor) -> dict[str, float] | None:
+        """One optimiser step on a batch x (B, d) of raw activations. Returns the history row
+        on logged steps (every ``log_every`` and the last), else None."""
         cfg, tcfg, sae, stats = self.cfg, self.tcfg, self.sae, self.stats
-        step, B = self.step, tcfg.batch_size
+        step, B = self.steps_done, tcfg.batch_size
+        x = _checked(x, step, B, cfg.d_in).to(self.device, torch.float32)
         if not bool(torch.isfinite(x).all()):
             self._fail(step, "the batch holds non-finite activations")
         lr = lr_at(step, tcfg.n_steps, self.base_lr, tcfg.warmup_fraction, tcfg.decay_fraction)
@@ -277,17 +292,14 @@ class _Trainer:
             group["lr"] = lr
         x_s = sae.scale_input(x)
         with torch.autocast(self.device.type, torch.bfloat16, enabled=tcfg.autocast_bf16):
-            x_hat, P, idx, P_grad = self._forward(x_s)
+            x_hat, P, idx, codes = self._forward(x_s)
             x_hat = x_hat.float()
             recon = losses.normalized_mse(x_s, x_hat)
-            loss = recon
-            aux = self._aux(x_s - x_hat, P, P_grad, x_s)
-            loss = loss + tcfg.aux_coef * aux
-            l1 = None
-            if cfg.sparsifier == "relu_l1":
-                codes = (P_grad if P_grad is not None else sae.pre_acts(x_s)).relu()
-                l1 = losses.l1_penalty(codes, sae.W_dec)
-                loss = loss + self.l1_coef * l1
+            aux = self._aux(x_s - x_hat, P, x_s)
+            loss = recon + tcfg.aux_coef * aux
+            penalty = self.rule.penalty(sae, codes, self.rule_state) if codes is not None else None
+            if penalty is not None:
+                loss = loss + penalty
         if not bool(torch.isfinite(loss)):
             self._fail(step, f"the loss is {loss.item()}")
         self.opt.zero_grad(set_to_none=True)
@@ -306,41 +318,89 @@ class _Trainer:
         # statistics: matches are selected entries with P > 0
         with torch.no_grad():
             F = cfg.n_features
-            matched = idx[P.reshape(-1)[idx] > 0]
-            counts = torch.bincount(matched % F, minlength=F)
-            stats.update(counts, B)
-            sae.update_thresholds(P, idx)
-            if cfg.sparsifier == "feature_choice_zipf" and cfg.capacity_ranking == "demand":
-                top = P.topk(max(1, math.ceil(cfg.k)), dim=1).indices.reshape(-1)
-                stats.update_demand(torch.bincount(top, minlength=F), B)
-                if (step + 1) % tcfg.demand_rerank_every == 0:
-                    sae.capacity_order.copy_(torch.argsort(-stats.demand, stable=True))
+            matched = idx[values_at(P, idx) > 0]
+            stats.update(torch.bincount(matched % F, minlength=F), B)
+            self.rule.observe(sae, P, idx, stats, step, tcfg)
             if (step + 1) % tcfg.zipf_refit_every == 0 or step == 0:
                 stats.refit()
             else:  # between refits, features that just died join the underutilised set
                 stats.underutilised_mask |= stats.dead_mask
-            if cfg.sparsifier == "relu_l1" and tcfg.l1_adapt_rate > 0:
-                # multiplicative controller in log space, clipped so it cannot overshoot
-                err = math.log(max(matched.numel() / B, 0.05) / cfg.k)
-                self.l1_coef *= math.exp(tcfg.l1_adapt_rate * max(-1.0, min(1.0, err)))
-        self.step += 1
-        if self.step % tcfg.log_every and self.step != tcfg.n_steps:
+            self.rule.after_step(self.rule_state, matched.numel(), B, cfg, tcfg)
+        self.steps_done += 1
+        if self.steps_done % tcfg.log_every and self.steps_done != tcfg.n_steps:
             return None
         l0_tok = torch.bincount(matched // F, minlength=B).float()
         row = {
-            "step": self.step,
-            "tokens": self.step * B,
+            "step": self.steps_done,
+            "tokens": self.steps_done * B,
             "lr": lr,
             "loss": loss.item(),
             "nmse": recon.item(),
             "aux_loss": float(aux.detach()),
-            "l1_coef": self.l1_coef if cfg.sparsifier == "relu_l1" else float("nan"),
+            **self.rule_state,
             "l0_mean": l0_tok.mean().item(),
             "l0_std": l0_tok.std().item(),
             **stats.summary(),
         }
         self.rows.append(row)
         return row
+
+    def fit(
+        self,
+        data: Any,
+        *,
+        resume: bool = False,
+        progress: bool = False,
+        callback: Callable[[int, dict[str, float] | None], None] | None = None,
+    ) -> TrainRun:
+        """Train until ``tcfg.total_tokens``: initialise from the first batches (or, with
+        ``resume``, skip the batches the loaded checkpoint consumed), step, checkpoint."""
+        cfg, tcfg = self.cfg, self.tcfg
+        d, B = cfg.d_in, tcfg.batch_size
+        stream = batch_stream(data, B, d, tcfg.seed, start=self.steps_done)
+        if not resume:
+            n_init = max(1, math.ceil(tcfg.init_sample_tokens / B))
+            head = [_checked(b, i, B, d) for i, b in zip(range(n_init), stream)]
+            self.init_from_data(torch.cat(head))
+            stream = itertools.chain(head, stream)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=tcfg.n_steps, initial=self.steps_done, desc=cfg.rule, leave=False)
+        every = tcfg.checkpoint_every
+        while self.steps_done < tcfg.n_steps:
+            step = self.steps_done
+            try:
+                batch = next(stream)
+            except StopIteration:
+                self.save_checkpoint()
+                raise ValueError(
+                    f"the data ran out after {step} batches but total_tokens asks for "
+                    f"{tcfg.n_steps}; pass more data or lower total_tokens."
+                ) from None
+            row = self.step(batch)
+            if every and self.steps_done % every == 0 and self.steps_done < tcfg.n_steps:
+                self.save_checkpoint()
+            if bar is not None:
+                bar.update(1)
+                if row:
+                    bar.set_postfix(nmse=f"{row['nmse']:.3f}", dead=f"{row['dead_pct']:.1f}%")
+            if callback is not None:
+                callback(step, row)
+        if bar is not None:
+            bar.close()
+        self.save_checkpoint()
+        self.sae.eval()
+        return TrainRun(
+            sae=self.sae,
+            history=pd.DataFrame(self.rows),
+            stats=self.stats,
+            cfg=cfg,
+            tcfg=tcfg,
+            checkpoint_dir=self.checkpoint_dir,
+            info={"lr": self.base_lr, "k_aux": self.k_aux},
+        )
 
 
 def train(
@@ -359,61 +419,10 @@ def train(
     called after every step (row is None on steps that are not logged)."""
     if checkpoint_dir is None and resume_from is not None:
         checkpoint_dir = resume_from
-    t = _Trainer(cfg, tcfg, Path(checkpoint_dir) if checkpoint_dir is not None else None)
-    d, B = cfg.d_in, tcfg.batch_size
+    t = Trainer(cfg, tcfg, Path(checkpoint_dir) if checkpoint_dir is not None else None)
     if resume_from is not None:
         t.load_checkpoint(Path(resume_from))
-        stream = batch_stream(data, B, d, tcfg.seed, start=t.step)
-    else:
-        stream = batch_stream(data, B, d, tcfg.seed)
-        n_init = max(1, math.ceil(tcfg.init_sample_tokens / B))
-        head = [_checked(b, i, B, d) for i, b in zip(range(n_init), stream)]
-        sample = torch.cat(head).to(t.device, torch.float32)
-        if not bool(torch.isfinite(sample).all()):
-            raise NonFiniteError(
-                "the first batches hold non-finite activations; clean the data (e.g. drop "
-                "inf/NaN rows) before training."
-            )
-        t.sae.init_from_data(sample)
-        stream = itertools.chain(head, stream)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=tcfg.n_steps, initial=t.step, desc=cfg.sparsifier, leave=False)
-    every = tcfg.checkpoint_every
-    while t.step < tcfg.n_steps:
-        step = t.step
-        try:
-            batch = next(stream)
-        except StopIteration:
-            raise ValueError(
-                f"the data ran out after {step} batches but total_tokens asks for "
-                f"{tcfg.n_steps}; pass more data or lower total_tokens."
-            ) from None
-        x = _checked(batch, step, B, d).to(t.device, torch.float32)
-        row = t.train_step(x)
-        if every and t.step % every == 0 and t.step < tcfg.n_steps:
-            t.save_checkpoint()
-        if bar is not None:
-            bar.update(1)
-            if row:
-                bar.set_postfix(nmse=f"{row['nmse']:.3f}", dead=f"{row['dead_frac']:.2f}")
-        if callback is not None:
-            callback(step, row)
-    if bar is not None:
-        bar.close()
-    t.save_checkpoint()
-    t.sae.eval()
-    return TrainRun(
-        sae=t.sae,
-        history=pd.DataFrame(t.rows),
-        stats=t.stats,
-        cfg=cfg,
-        tcfg=tcfg,
-        checkpoint_dir=t.checkpoint_dir,
-        info={"lr": t.base_lr, "k_aux": t.k_aux, "fast_path": t._fast is not None},
-    )
+    return t.fit(data, resume=resume_from is not None, progress=progress, callback=callback)
 
 
-__all__ = ["train", "TrainRun", "NonFiniteError", "batch_stream", "lr_at"]
+__all__ = ["train", "Trainer", "TrainRun", "NonFiniteError", "batch_stream", "lr_at"]

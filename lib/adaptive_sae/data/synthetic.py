@@ -31,7 +31,6 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
 
 from ..config import ConfigError, _JsonMixin
 
@@ -245,20 +244,11 @@ def fraction_recovered(
 def l0_rank_correlation(
     l0: torch.Tensor | np.ndarray, n_active: torch.Tensor | np.ndarray
 ) -> float:
-    """Spearman correlation between each token's L0 and its true number of active features.
+    """Spearman correlation between each token's L0 and its true number of active features
+    (``metrics.rank_correlation``: NaN when either side is constant)."""
+    from ..metrics import rank_correlation
 
-    Returns 0.0 when either side is constant (or there are fewer than 2 tokens): Spearman is then
-    undefined, and a constant L0 (TopK gives every token k) carries no information about which
-    tokens are busy, which is what a correlation of 0 says.
-    """
-    a = np.asarray(torch.as_tensor(l0).detach().cpu(), dtype=np.float64).ravel()
-    b = np.asarray(torch.as_tensor(n_active).detach().cpu(), dtype=np.float64).ravel()
-    if a.shape != b.shape:
-        raise ValueError(f"l0 has {a.size} tokens but n_active has {b.size}; pass the same tokens.")
-    if a.size < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
-        return 0.0
-    rho = float(spearmanr(a, b)[0])
-    return rho if math.isfinite(rho) else 0.0
+    return rank_correlation(l0, n_active)[0]
 
 
 def recovery_metrics(

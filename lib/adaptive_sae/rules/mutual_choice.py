@@ -1,0 +1,100 @@
+"""Mutual Choice (= BatchTopK, Bussmann et al. 2024): the K = int(k·B) largest affinities of
+the whole batch, with no per-token or per-feature limit. DESIGN §3.
+
+Inference (DESIGN §4): one global threshold θ, a running mean of the smallest selected affinity
+per batch, applied to every feature: z = ReLU(P)·1[P > θ]. It is stored on every feature of the
+SAE's ``thresholds`` buffer, the JumpReLU form SAELens saves BatchTopK SAEs in.
+
+Selection without a full sort: a threshold t from a strided sample of P such that
+C = {P ≥ t} has |C| ≥ K (checked; t is lowered if not), then top-K of C. Exact: an entry
+outside C is < t ≤ every entry of C, and C holds ≥ K entries, so it cannot be in the top K.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..config import ConfigError
+from ..sparse_ops import Workspace, entries_at_least, sorted_indices, values_at
+from .base import AllocationRule, ema_thresholds, register_rule
+
+# Threshold search: sample size and safety margin in standard deviations.
+_MC_SAMPLE = 1 << 16
+_MC_MARGIN_SD = 4.0
+
+
+def _flat_storage(P: Tensor) -> tuple[Tensor, bool]:
+    """A 1-D view of P's storage and whether it is feature-major (index f·B + b)."""
+    if P.is_contiguous():
+        return P.reshape(-1), False
+    if P.t().is_contiguous():
+        return P.t().reshape(-1), True
+    return P.contiguous().reshape(-1), False
+
+
+def _coprime_stride(n: int, samples: int, F: int, B: int) -> int:
+    s = max(1, n // samples)
+    while math.gcd(s, F) != 1 or math.gcd(s, B) != 1:
+        s += 1
+    return s
+
+
+def select_mutual_choice(P: Tensor, budget: int, ws: Workspace | None = None) -> Tensor:
+    """The ``budget`` largest entries of the whole (B, F) matrix: flat indices, ascending.
+
+    A threshold from a strided sample bounds the candidates; the count is checked, so the
+    result is the exact top-K (see the module docstring), whatever the sample."""
+    B, F = P.shape
+    n, K = B * F, int(budget)
+    if not 0 < K <= n:
+        raise ConfigError(f"mutual_choice needs 0 < budget <= B*F = {n}, got {K}.")
+    flat, fmajor = _flat_storage(P)
+    if n <= 4 * _MC_SAMPLE or K * 8 > n:  # small or dense: a plain topk is as fast
+        idx = flat.topk(K, sorted=False).indices
+    else:
+        stride = _coprime_stride(n, _MC_SAMPLE, F, B)
+        sample = flat[::stride]
+        s = sample.numel()
+        mean = K / n * s
+        r = min(s, int(math.ceil(mean + _MC_MARGIN_SD * math.sqrt(mean) + 8)))
+        idx = None
+        rows_of_storage = F if fmajor else B
+        while idx is None:
+            t = sample.topk(r, sorted=False).values.min()
+            cand = entries_at_least(flat.view(rows_of_storage, -1), t, ws)
+            if cand.numel() >= K:
+                top = flat[cand].topk(K, sorted=False).indices
+                keep = torch.zeros(cand.numel(), dtype=torch.bool, device=P.device)
+                keep[top] = True
+                idx = cand[keep]  # ascending
+            elif r == s:  # the whole sample was not enough (heavy ties or NaN): sort it all
+                idx = flat.topk(K, sorted=False).indices
+            else:
+                r = min(s, 4 * r)
+    if fmajor:  # f·B + b -> b·F + f
+        f = torch.div(idx, B, rounding_mode="floor")
+        idx = (idx - f * B) * F + f
+    return sorted_indices(idx)
+
+
+class MutualChoice(AllocationRule):
+    name = "mutual_choice"
+    aliases = ("batch_topk",)
+    label = "Mutual Choice"
+    batch_level = True
+    uses_thresholds = True
+
+    def select(self, sae, P, ws=None) -> Tensor:
+        return select_mutual_choice(P, max(1, sae.cfg.budget(P.shape[0])), ws)
+
+    @torch.no_grad()
+    def observe(self, sae, P, idx, stats, step, tcfg) -> None:
+        if idx.numel():
+            smallest = values_at(P, idx).min()
+            ema_thresholds(sae, smallest.expand(sae.cfg.n_features))
+
+
+register_rule(MutualChoice())

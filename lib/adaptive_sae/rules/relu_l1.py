@@ -1,0 +1,45 @@
+"""ReLU + L1 (the baseline): every positive affinity is a match; sparsity comes from the penalty
+λ·mean_b Σ_j z_bj·‖W_dec,j‖ added to the loss. DESIGN §3.
+
+λ adapts so the mean L0 settles at the SAE's k, so the baseline is compared at equal sparsity:
+λ ← λ·exp(rate·clip(log(L0 / k), −1, 1)) after each step (``TrainConfig.l1_adapt_rate``; 0 keeps
+λ fixed at ``l1_coefficient``). Nearly every entry is active early in training, so the step
+uses dense codes, not the sparse kernel.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor
+
+from .. import losses
+from .base import AllocationRule, register_rule
+
+
+class ReluL1(AllocationRule):
+    name = "relu_l1"
+    label = "ReLU + L1"
+    sparse = False
+
+    def select(self, sae, P, ws=None) -> Tensor:
+        return (P > 0).reshape(-1).nonzero().squeeze(1)
+
+    def infer(self, sae, P) -> Tensor:
+        return P.relu()
+
+    def init_train_state(self, tcfg) -> dict[str, float]:
+        return {"l1_coef": float(tcfg.l1_coefficient)}
+
+    def penalty(self, sae, codes, state):
+        return state["l1_coef"] * losses.l1_penalty(codes, sae.W_dec)
+
+    def after_step(self, state, n_matched, batch_size, cfg, tcfg) -> None:
+        if tcfg.l1_adapt_rate > 0:  # multiplicative, in log space, clipped: cannot overshoot
+            err = math.log(max(n_matched / batch_size, 0.05) / cfg.k)
+            state["l1_coef"] *= math.exp(tcfg.l1_adapt_rate * max(-1.0, min(1.0, err)))
+
+
+register_rule(ReluL1())
+
+__all__ = ["ReluL1"]

@@ -1,16 +1,16 @@
 """Experiment-level functions the notebooks call (DESIGN §9): train a grid of rules x seeds and
 return tidy tables, aggregate across seeds, measure step times. No algorithm lives in a notebook;
 none lives here either: this module only composes the library (``train``, ``evaluate``,
-``sparsifiers``, ``zipf``, the sources) into experiments and flattens what they return into
+``rules``, ``zipf``, the sources) into experiments and flattens what they return into
 pandas tables, one row per trained SAE.
 
     from adaptive_sae import experiments as ex
     src = ex.make_source("synthetic", seed=0, synthetic={"d_in": 64, "k_true": 8})
     data = ex.collect_tokens(src, 200_000)
     ev = ex.EvalSet.from_source(src, 8192)
-    grid = ex.train_grid(data, rules=["topk", "mutual_choice"], seeds=[0, 1], k_values=[8],
+    grid = ex.train_grid(data, variants=["topk", "mutual_choice"], seeds=[0, 1], k_values=[8],
                          widths=[512], batch_size=1024, total_tokens=200_000, eval_set=ev)
-    ex.summarise(grid.table, ["rule", "k"], ["nmse", "l0_mean", "dead_pct"])
+    ex.summarise(grid.table, ["variant", "k"], ["nmse", "l0_mean", "dead_pct"])
 """
 
 from __future__ import annotations
@@ -25,32 +25,51 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import results, sparsifiers, zipf
-from .config import FEATURE_CHOICE_RULES, SAEConfig, TrainConfig
+from . import results, zipf
+from .config import SAEConfig, TrainConfig
 from .metrics import evaluate
+from .rules import get_rule, rule_names
+from .sae import SparseAutoencoder
 from .trainer import TrainRun, train
 
-RULES = (
-    "topk",
-    "batch_topk",
-    "mutual_choice",
-    "feature_choice",
-    "feature_choice_zipf",
-    "relu_l1",
-)
-"""Every allocation rule the suite compares (BatchTopK by its own name: at training time it is
-Mutual Choice, and the suite checks that they agree)."""
 
-SCALAR_METRICS = (
-    "nmse",
-    "l0_mean",
-    "l0_std",
-    "dead_pct",
-    "underutilised_pct",
-    "zipf_alpha",
-    "zipf_beta",
-    "zipf_r2",
-)
+def all_rules() -> list[str]:
+    """Every registered allocation rule, aliases included (BatchTopK by its own name: at
+    training time it is Mutual Choice, and the suite checks that they agree)."""
+    return rule_names(aliases=True)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What one trained SAE of a comparison is: a name, its allocation rule, and overrides of
+    ``SAEConfig`` / ``TrainConfig`` fields. A plain rule name is the variant of that name."""
+
+    name: str
+    rule: str
+    sae: Mapping[str, Any] = field(default_factory=dict)
+    train: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        get_rule(self.rule)  # an unknown rule fails here, before anything trains
+        for key in ("rule", "d_in", "n_features", "k"):
+            if key in self.sae:
+                raise ValueError(
+                    f"variant {self.name!r} sets {key!r} in its overrides; the driver sets it "
+                    f"(use the variant's `rule`, or the grid's k_values / widths)."
+                )
+
+
+def as_variant(spec: str | Variant | Mapping[str, Any]) -> Variant:
+    """A Variant from a rule name, a Variant, or a mapping of its fields."""
+    if isinstance(spec, Variant):
+        return spec
+    if isinstance(spec, str):
+        return Variant(spec, spec)
+    if isinstance(spec, Mapping):
+        spec = dict(spec)
+        spec.setdefault("name", spec.get("rule"))
+        return Variant(**spec)
+    raise TypeError(f"cannot make a variant from {spec!r}; pass a rule name or a Variant.")
 
 
 # ----------------------------------------------------------------------------- data
@@ -166,6 +185,7 @@ class EvalSet:
 class Trained:
     """One trained SAE with the settings that made it."""
 
+    variant: str
     rule: str
     k: float
     n_features: int
@@ -183,6 +203,7 @@ class Trained:
 
     def key(self) -> dict[str, Any]:
         return {
+            "variant": self.variant,
             "rule": self.rule,
             "k": self.k,
             "n_features": self.n_features,
@@ -196,7 +217,7 @@ class Trained:
 
 def train_one(
     data,
-    rule: str,
+    variant: str | Variant,
     *,
     k: float,
     n_features: int,
@@ -211,60 +232,55 @@ def train_one(
     d_in: int | None = None,
     checkpoint_dir=None,
 ) -> Trained:
-    """Train one SAE with the library's recipe; ``sae_kwargs``/``train_kwargs`` pass any other
-    ``SAEConfig``/``TrainConfig`` field."""
+    """Train one SAE of ``variant`` (a rule name or a :class:`Variant`) with the library's
+    recipe; ``sae_kwargs``/``train_kwargs`` pass other ``SAEConfig``/``TrainConfig`` fields
+    (the variant's own overrides win)."""
+    v = as_variant(variant)
     if d_in is None:
         d_in = int(data.shape[1]) if isinstance(data, torch.Tensor) else int(data.d_in)
-    cfg = SAEConfig(
-        d_in=d_in,
-        n_features=n_features,
-        sparsifier=rule,
-        k=k,
-        input_scaling=input_scaling,
-        **dict(sae_kwargs or {}),
-    )
-    tcfg = TrainConfig(
-        batch_size=batch_size,
-        total_tokens=total_tokens,
-        aux_loss=aux_loss,
-        seed=seed,
-        lr=lr,
-        **dict(train_kwargs or {}),
-    )
+    sae_fields = {"input_scaling": input_scaling, **dict(sae_kwargs or {}), **dict(v.sae)}
+    cfg = SAEConfig(d_in=d_in, n_features=n_features, rule=v.rule, k=k, **sae_fields)
+    train_fields = {"aux_loss": aux_loss, "lr": lr, **dict(train_kwargs or {}), **dict(v.train)}
+    tcfg = TrainConfig(batch_size=batch_size, total_tokens=total_tokens, seed=seed, **train_fields)
     t0 = time.perf_counter()
     run = train(cfg, tcfg, data, checkpoint_dir=checkpoint_dir)
     return Trained(
-        rule, k, n_features, seed, aux_loss, input_scaling, run, time.perf_counter() - t0
+        v.name,
+        v.rule,
+        k,
+        n_features,
+        seed,
+        tcfg.aux_loss,
+        cfg.input_scaling,
+        run,
+        time.perf_counter() - t0,
     )
 
 
 def evaluate_trained(
-    trained: Trained, eval_set: EvalSet, *, rules: Sequence[str] = ("train", "inference")
+    trained: Trained, eval_set: EvalSet, *, modes: Sequence[str] = ("train", "inference")
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Scalar metrics of one SAE on held-out tokens under the training rule (batches of the
     training size) and the per-token inference rule; ground-truth recovery on synthetic data.
 
-    Returns (row, arrays): ``row`` maps metric names to numbers (inference-rule ones end in
-    ``_inference``; percentages end in ``_pct``); ``arrays`` holds per-feature ``densities``
-    and per-token ``l0`` of each rule."""
+    Returns (row, arrays): ``row`` maps metric names (``metrics.Evaluation``'s, percentages end
+    in ``_pct``) to numbers, inference-mode ones ending in ``_inference``; ``arrays`` holds the
+    per-feature ``densities`` and per-token ``l0`` of each mode."""
     sae = trained.run.sae
     row: dict[str, Any] = {**trained.key(), "train_seconds": trained.seconds}
     arrays: dict[str, Any] = {}
-    for rule in rules:
-        res = evaluate(sae, eval_set.x, rule=rule)
-        suffix = "" if rule == "train" else "_inference"
-        for name in ("nmse", "l0_mean", "l0_std", "zipf_alpha", "zipf_beta", "zipf_r2"):
-            row[name + suffix] = res[name]
-        row["dead_pct" + suffix] = 100.0 * res["dead_fraction"]
-        row["underutilised_pct" + suffix] = 100.0 * res["underutilised_fraction"]
-        arrays["densities" + suffix] = res["densities"]
-        arrays["l0" + suffix] = res["l0_per_token"]
+    for mode in modes:
+        res = evaluate(sae, eval_set.x, mode=mode)
+        suffix = "" if mode == "train" else "_inference"
+        row.update(res.scalars(suffix))
+        arrays["densities" + suffix] = res.densities
+        arrays["l0" + suffix] = res.l0_per_token
         if eval_set.n_active is not None:
             from .data.synthetic import l0_rank_correlation
 
-            n = len(res["l0_per_token"])
+            n = len(res.l0_per_token)
             row["l0_rank_correlation" + suffix] = l0_rank_correlation(
-                res["l0_per_token"], eval_set.n_active[:n]
+                res.l0_per_token, eval_set.n_active[:n]
             )
     if eval_set.true_features is not None:
         from .data.synthetic import fraction_recovered, mean_max_cosine
@@ -274,9 +290,9 @@ def evaluate_trained(
     hist = trained.run.history
     if len(hist):
         row["final_train_nmse"] = float(hist["nmse"].iloc[-1])
-        row["dead_pct_train_window"] = 100.0 * float(hist["dead_frac"].iloc[-1])
-        row["underutilised_pct_train_window"] = 100.0 * float(hist["underutilised_frac"].iloc[-1])
-        row["max_dead_pct_during_training"] = 100.0 * float(hist["dead_frac"].max())
+        row["dead_pct_train_window"] = float(hist["dead_pct"].iloc[-1])
+        row["underutilised_pct_train_window"] = float(hist["underutilised_pct"].iloc[-1])
+        row["max_dead_pct_during_training"] = float(hist["dead_pct"].max())
     return row, arrays
 
 
@@ -298,7 +314,7 @@ def concentration(densities: np.ndarray) -> dict[str, float]:
 
 def checkpoint_curve(
     data,
-    rule: str,
+    variant: str | Variant,
     eval_set: EvalSet,
     *,
     checkpoint_every: int,
@@ -320,14 +336,12 @@ def checkpoint_curve(
     underutilised %, L0 spread and :func:`concentration`. One row per checkpoint."""
     from pathlib import Path
 
-    from .sae import SparseAutoencoder
-
     n_steps = total_tokens // batch_size
     kwargs = {"device": device, **dict(train_kwargs or {})}
     kwargs.update(checkpoint_every=checkpoint_every, keep_checkpoints=n_steps + 1)
     trained = train_one(
         data,
-        rule,
+        variant,
         k=k,
         n_features=n_features,
         seed=seed,
@@ -344,15 +358,14 @@ def checkpoint_curve(
     for folder in sorted(Path(checkpoint_dir).glob("step_*")):
         step = int(folder.name.split("_")[1])
         sae = SparseAutoencoder.load(folder)
-        res = evaluate(sae, eval_set.x, rule="train", batch_size=batch_size)
+        res = evaluate(sae, eval_set.x, mode="train", batch_size=batch_size)
         rows.append(
             {
                 **trained.key(),
                 "step": step,
                 "tokens": step * batch_size,
-                **_scalars(res),
-                "underutilised_pct": 100.0 * res["underutilised_fraction"],
-                **concentration(res["densities"]),
+                **res.scalars(),
+                **concentration(res.densities),
             }
         )
     return pd.DataFrame(rows), trained
@@ -376,7 +389,7 @@ class Grid:
 def train_grid(
     data,
     *,
-    rules: Sequence[str],
+    variants: Sequence[str | Variant],
     seeds: Sequence[int],
     k_values: Sequence[float] = (8,),
     widths: Sequence[int] = (512,),
@@ -393,23 +406,25 @@ def train_grid(
     progress: bool = True,
     device: str = "cpu",
 ) -> Grid:
-    """Train every combination of rule x k x width x auxiliary loss x input scaling x learning
-    rate x seed on the same data, evaluate each on ``eval_set``, and return tidy tables
+    """The one experiment driver: train every combination of variant (a rule name or a
+    :class:`Variant`) x k x width x auxiliary loss x input scaling x learning rate x seed on the
+    same data, evaluate each on ``eval_set``, and return tidy tables
     (:class:`Grid`). ``lrs`` holds learning rates to try (None: the library's default); pick the
     best per rule afterwards with :func:`best_lr`, so that no rule loses merely for preferring
     another learning rate. ``device`` is where the SAEs train ("cpu", "cuda", ...)."""
     from tqdm.auto import tqdm
 
+    variants = [as_variant(v) for v in variants]
     combos = list(
-        itertools.product(input_scalings, widths, k_values, aux_losses, rules, lrs, seeds)
+        itertools.product(input_scalings, widths, k_values, aux_losses, variants, lrs, seeds)
     )
     rows, hists, dens, l0s, kept = [], [], [], [], []
-    for scaling, width, k, aux, rule, lr, seed in tqdm(
+    for scaling, width, k, aux, variant, lr, seed in tqdm(
         combos, desc="training SAEs", unit="SAE", disable=not progress
     ):
         trained = train_one(
             data,
-            rule,
+            variant,
             k=k,
             n_features=width,
             seed=seed,
@@ -455,7 +470,7 @@ def train_grid(
 
 
 def best_lr(
-    table: pd.DataFrame, by: Sequence[str] = ("rule", "k"), metric: str = "nmse"
+    table: pd.DataFrame, by: Sequence[str] = ("variant", "k"), metric: str = "nmse"
 ) -> pd.DataFrame:
     """The rows of ``table`` whose learning rate gives the lowest mean ``metric`` (across seeds)
     within each group of ``by``; a ``lr_candidates`` column says how many were tried."""
@@ -516,11 +531,6 @@ def with_mean_std_text(summary: pd.DataFrame, metrics: Sequence[str], digits: in
     return out
 
 
-def seed_mean(table: pd.DataFrame, by: Sequence[str], metric: str) -> pd.Series:
-    """Mean of one metric across seeds, indexed by ``by`` (for claim cells)."""
-    return table.groupby(list(by))[metric].mean()
-
-
 # ----------------------------------------------------------------------------- allocation demo
 
 
@@ -539,28 +549,18 @@ def demo_affinities(
 
 
 def allocate(
-    P: torch.Tensor, k: float, zipf_alpha: float = 1.0, rules: Sequence[str] | None = None
+    P: torch.Tensor,
+    k: float,
+    zipf_alpha: float = 1.0,
+    rules: Sequence[str] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Codes (B, F) of each training rule on one affinity matrix at the same budget K = k·B.
-    Feature Choice capacities are uniform (``feature_choice``) or Zipf (``feature_choice_zipf``,
-    ranked by feature index)."""
+    """Codes (B, F) of each registered rule's training selection on one affinity matrix at the
+    same budget K = k·B (Feature Choice capacities ranked by feature index)."""
     B, F = P.shape
-    K = int(k * B)
     out: dict[str, torch.Tensor] = {}
-    for rule in rules or ("topk", "mutual_choice", "feature_choice", "feature_choice_zipf"):
-        if rule == "topk":
-            out[rule] = sparsifiers.topk(P, int(k))
-        elif rule in ("mutual_choice", "batch_topk"):
-            out[rule] = sparsifiers.mutual_choice(P, k)
-        elif rule == "feature_choice":
-            out[rule] = sparsifiers.feature_choice(P, zipf.uniform_capacities(F, K, B))
-        elif rule == "feature_choice_zipf":
-            caps = zipf.zipf_capacities(F, K, B, alpha=zipf_alpha, min_capacity=int(K >= F))
-            out[rule] = sparsifiers.feature_choice(P, caps)
-        elif rule == "relu_l1":
-            out[rule] = sparsifiers.relu(P)
-        else:
-            raise ValueError(f"rule={rule!r} is not known; choose from {RULES}.")
+    for name in rules or ("topk", "mutual_choice", "feature_choice", "feature_choice_zipf"):
+        cfg = SAEConfig(d_in=1, n_features=F, rule=name, k=k, zipf_alpha=zipf_alpha)
+        out[name] = SparseAutoencoder(cfg).codes_from_pre_acts(P, "train")
     return out
 
 
@@ -643,14 +643,6 @@ def zipf_fits(
     return pd.DataFrame(rows)
 
 
-def zipf_curve(fit_row: Mapping[str, Any], n_features: int) -> np.ndarray:
-    """The fitted law at ranks 1..F from a row of :func:`zipf_fits` (scale matched to the sum
-    of densities is not stored; the curve is normalised to sum to 1)."""
-    r = np.arange(1, n_features + 1, dtype=float)
-    law = (r + fit_row["zipf_beta"]) ** (-fit_row["zipf_alpha"])
-    return law / law.sum()
-
-
 # ----------------------------------------------------------------------------- difficulty
 
 
@@ -696,21 +688,12 @@ def batch_size_sensitivity(
     for b in batch_sizes:
         if b > n:
             continue
-        res = evaluate(sae, eval_set.x, rule="train", batch_size=int(b))
-        rows.append({"eval_rule": "train", "eval_batch_size": int(b), **_scalars(res)})
-    res = evaluate(sae, eval_set.x, rule="inference")
-    rows.append({"eval_rule": "inference", "eval_batch_size": 1, **_scalars(res)})
+        res = evaluate(sae, eval_set.x, mode="train", batch_size=int(b))
+        rows.append({"eval_mode": "train", "eval_batch_size": int(b), **res.scalars()})
+    res = evaluate(sae, eval_set.x, mode="inference")
+    rows.append({"eval_mode": "inference", "eval_batch_size": 1, **res.scalars()})
     key = trained.key()
     return pd.DataFrame([{**key, **r} for r in rows])
-
-
-def _scalars(res: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "nmse": res["nmse"],
-        "l0_mean": res["l0_mean"],
-        "l0_std": res["l0_std"],
-        "dead_pct": 100.0 * res["dead_fraction"],
-    }
 
 
 # ----------------------------------------------------------------------------- cost
@@ -734,13 +717,8 @@ def time_steps(
     the statistic least disturbed by other work on the machine (as ``timeit`` reports);
     ``step_ms_median`` is given too."""
     d = int(data.shape[1])
-    if rule in FEATURE_CHOICE_RULES and int(k * batch_size) < n_features:
-        raise ValueError(
-            f"{rule} needs k * batch_size >= n_features ({k} * {batch_size} < {n_features}); "
-            f"raise batch_size for this width."
-        )
     stamps: list[float] = []
-    cfg = SAEConfig(d_in=d, n_features=n_features, sparsifier=rule, k=k)
+    cfg = SAEConfig(d_in=d, n_features=n_features, rule=rule, k=k)
     tcfg = TrainConfig(
         batch_size=batch_size,
         total_tokens=batch_size * (n_steps + warmup_steps),
@@ -792,7 +770,9 @@ def step_time_table(
 
 
 __all__ = [
-    "RULES",
+    "Variant",
+    "all_rules",
+    "as_variant",
     "add_delta_ce",
     "EvalSet",
     "Grid",
@@ -810,7 +790,6 @@ __all__ = [
     "l0_by_difficulty",
     "evaluate_trained",
     "make_source",
-    "seed_mean",
     "step_time_table",
     "summarise",
     "time_steps",

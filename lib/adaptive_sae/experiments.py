@@ -798,6 +798,5 @@ __all__ = [
     "training_data",
     "use_threads",
     "with_mean_std_text",
-    "zipf_curve",
     "zipf_fits",
 ]

@@ -26,11 +26,11 @@ def test_quick_comparison_tiny(tmp_path, monkeypatch):
     assert len(grid) == 4 and len(runs) == 2 * 2 * 2 and len(summary) == 4
     for variant, g in grid.groupby("variant"):
         chosen = summary.loc[summary["variant"] == variant, "lr"].iloc[0]
-        assert chosen == g.loc[g["nmse_train"].idxmin(), "lr"]
+        assert chosen == g.loc[g["nmse"].idxmin(), "lr"]
     assert (summary["n"] == 2).all()
     fc = runs[runs["variant"] == "feature_choice"]
-    assert (fc["dead_pct_train"] == 0).all()  # every feature chooses tokens
-    assert (runs.loc[runs["variant"] == "topk", "l0_mean_train"] <= 3.0 + 1e-9).all()
+    assert (fc["dead_pct"] == 0).all()  # every feature chooses tokens
+    assert (runs.loc[runs["variant"] == "topk", "l0_mean"] <= 3.0 + 1e-9).all()
     out = quick.write_tables(tables, q, "test")
     for name in (
         "runs.csv",
@@ -42,3 +42,16 @@ def test_quick_comparison_tiny(tmp_path, monkeypatch):
     ):
         assert (out.path / name).exists(), name
     assert pd.read_csv(out.path / "summary.csv").shape[0] == 4
+
+
+def test_quick_rejects_bad_input_before_training(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADAPTIVE_SAE_RESULTS", str(tmp_path))
+    import pytest
+    from adaptive_sae.config import ConfigError
+
+    with pytest.raises(ConfigError, match="bogus"):
+        quick.check_quick(quick.QuickConfig(aux_losses=("none", "bogus")))
+    with pytest.raises(ConfigError, match="nope"):
+        quick.check_quick(quick.QuickConfig(variants=("topk", "nope")))
+    with pytest.raises(ValueError, match="run"):
+        quick.check_quick(quick.QuickConfig(), run_name="has space")

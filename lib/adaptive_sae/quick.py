@@ -21,27 +21,28 @@ import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import pandas as pd
 import torch
 
 from . import results
-from .config import SAEConfig, TrainConfig
-from .data.synthetic import SyntheticConfig, SyntheticSource, l0_rank_correlation, recovery_metrics
-from .metrics import evaluate
-from .trainer import train
+from .config import AUX_LOSSES, ConfigError
+from .data.synthetic import SyntheticConfig, SyntheticSource
+from .experiments import EvalSet, Variant, train_grid
 
-# name -> SAEConfig overrides. The Zipf ranking and the input scaling are the two design
-# questions DESIGN §3 and §6 ask to measure rather than assume.
-VARIANTS: dict[str, dict[str, Any]] = {
-    "topk": {"sparsifier": "topk"},
-    "feature_choice": {"sparsifier": "feature_choice"},
-    "feature_choice_zipf": {"sparsifier": "feature_choice_zipf", "capacity_ranking": "demand"},
-    "feature_choice_zipf_fixed": {"sparsifier": "feature_choice_zipf", "capacity_ranking": "fixed"},
-    "mutual_choice": {"sparsifier": "mutual_choice"},
-    "mutual_choice_per_token": {"sparsifier": "mutual_choice", "input_scaling": "per_token"},
-    "relu_l1": {"sparsifier": "relu_l1"},
+# The Zipf ranking and the input scaling are the two design questions DESIGN §3 and §6 ask to
+# measure rather than assume.
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in (
+        Variant("topk", "topk"),
+        Variant("feature_choice", "feature_choice"),
+        Variant("feature_choice_zipf", "feature_choice_zipf", {"capacity_ranking": "demand"}),
+        Variant("feature_choice_zipf_fixed", "feature_choice_zipf", {"capacity_ranking": "fixed"}),
+        Variant("mutual_choice", "mutual_choice"),
+        Variant("mutual_choice_per_token", "mutual_choice", {"input_scaling": "per_token"}),
+        Variant("relu_l1", "relu_l1"),
+    )
 }
 
 
@@ -95,21 +96,6 @@ class QuickConfig:
         )
 
 
-def _configs(q: QuickConfig, variant: str, aux: str, seed: int, lr: float):
-    cfg = SAEConfig(d_in=q.d_in, n_features=q.n_features, k=q.k, **VARIANTS[variant])
-    tcfg = TrainConfig(
-        batch_size=q.batch_size,
-        total_tokens=q.total_tokens,
-        lr=lr,
-        aux_loss=aux,
-        seed=seed,
-        dead_window_tokens=q.dead_window_tokens,
-        density_window_tokens=q.dead_window_tokens,
-        log_every=50,
-    )
-    return cfg, tcfg
-
-
 @functools.lru_cache(maxsize=2)
 def _train_tokens(q: QuickConfig) -> torch.Tensor:
     """The training tokens, generated once per process and shared by its runs."""
@@ -119,61 +105,64 @@ def _train_tokens(q: QuickConfig) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=4)
-def _eval_split(q: QuickConfig, split: str):
+def _eval_set(q: QuickConfig, split: str) -> EvalSet:
     """Validation = first eval_tokens held-out tokens, test = the next eval_tokens."""
-    sample = q.source().sample_with_truth(2 * q.eval_tokens, split="val")
-    sl = slice(0, q.eval_tokens) if split == "val" else slice(q.eval_tokens, None)
-    return sample.x[sl], sample.n_active[sl]
-
-
-def _run(job: tuple[QuickConfig, str, str, int, float, str]) -> dict[str, Any]:
-    q, variant, aux, seed, lr, split = job
-    torch.set_num_threads(1)
     src = q.source()
-    cfg, tcfg = _configs(q, variant, aux, seed, lr)
-    data = _train_tokens(q)
-    t0 = time.perf_counter()
-    run = train(cfg, tcfg, data)
-    seconds = time.perf_counter() - t0
-    x, n_active = _eval_split(q, split)
-    row: dict[str, Any] = {"variant": variant, "aux": aux, "seed": seed, "lr": lr}
-    for rule in ("train", "inference"):
-        res = evaluate(run.sae, x, rule=rule, batch_size=q.batch_size)
-        row[f"nmse_{rule}"] = res["nmse"]
-        row[f"l0_mean_{rule}"] = res["l0_mean"]
-        row[f"l0_std_{rule}"] = res["l0_std"]
-        row[f"dead_pct_{rule}"] = 100 * res["dead_fraction"]
-        row[f"underutilised_pct_{rule}"] = 100 * res["underutilised_fraction"]
-        n = len(res["l0_per_token"])
-        row[f"l0_corr_{rule}"] = l0_rank_correlation(res["l0_per_token"], n_active[:n])
-    rec = recovery_metrics(run.sae.W_dec.detach(), src)
-    row["mean_max_cos"] = rec["mean_max_cosine"]
-    row["recovered_frac"] = rec["fraction_recovered"]
-    row["train_seconds"] = seconds
-    return row
+    sample = src.sample_with_truth(2 * q.eval_tokens, split="val")
+    sl = slice(0, q.eval_tokens) if split == "val" else slice(q.eval_tokens, None)
+    return EvalSet(sample.x[sl], sample.n_active[sl], src.true_features)
 
 
-def _map(jobs: list, n_jobs: int, desc: str) -> list[dict[str, Any]]:
+def _run(job: tuple[QuickConfig, str, tuple, tuple, tuple, str]) -> pd.DataFrame:
+    """One variant through the experiment driver: every aux loss x seed x learning rate."""
+    q, variant, aux_losses, seeds, lrs, split = job
+    torch.set_num_threads(1)
+    v = VARIANTS[variant]
+    grid = train_grid(
+        _train_tokens(q),
+        variants=[v],
+        seeds=seeds,
+        k_values=[q.k],
+        widths=[q.n_features],
+        aux_losses=aux_losses,
+        input_scalings=[v.sae.get("input_scaling", "global")],
+        lrs=lrs,
+        batch_size=q.batch_size,
+        total_tokens=q.total_tokens,
+        eval_set=_eval_set(q, split),
+        train_kwargs={
+            "dead_window_tokens": q.dead_window_tokens,
+            "density_window_tokens": q.dead_window_tokens,
+            "log_every": 50,
+        },
+        progress=False,
+    )
+    return grid.table
+
+
+def _map(jobs: list, n_jobs: int, desc: str) -> pd.DataFrame:
     from tqdm.auto import tqdm
 
     if n_jobs <= 1:
-        return [_run(j) for j in tqdm(jobs, desc=desc)]
-    import multiprocessing as mp
+        tables = [_run(j) for j in tqdm(jobs, desc=desc)]
+    else:
+        import multiprocessing as mp
 
-    with ProcessPoolExecutor(n_jobs, mp_context=mp.get_context("spawn")) as pool:
-        return list(tqdm(pool.map(_run, jobs), total=len(jobs), desc=desc))
+        with ProcessPoolExecutor(n_jobs, mp_context=mp.get_context("spawn")) as pool:
+            tables = list(tqdm(pool.map(_run, jobs), total=len(jobs), desc=desc))
+    return pd.concat(tables, ignore_index=True)
 
 
 SUMMARY_METRICS = [
-    "nmse_train",
+    "nmse",
     "nmse_inference",
-    "l0_mean_train",
-    "l0_std_train",
-    "dead_pct_train",
-    "underutilised_pct_train",
-    "l0_corr_train",
-    "mean_max_cos",
-    "recovered_frac",
+    "l0_mean",
+    "l0_std",
+    "dead_pct",
+    "underutilised_pct",
+    "l0_rank_correlation",
+    "mean_max_cosine",
+    "fraction_recovered",
 ]
 
 
@@ -181,23 +170,29 @@ def quick_comparison(q: QuickConfig | None = None, n_jobs: int = 2) -> dict[str,
     """Pick each variant's learning rate on validation tokens, then train every variant ×
     auxiliary loss × seed and measure on test tokens. Returns the tables."""
     q = q or QuickConfig()
-    unknown = set(q.variants) - set(VARIANTS)
-    if unknown:
-        raise ValueError(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}.")
-    grid_jobs = [(q, v, "none", q.seeds[0], lr, "val") for v in q.variants for lr in q.lr_grid]
-    lr_grid = pd.DataFrame(_map(grid_jobs, n_jobs, "learning-rate grid"))
-    best = lr_grid.loc[lr_grid.groupby("variant")["nmse_train"].idxmin(), ["variant", "lr"]]
+    check_quick(q)
+    val_jobs = [(q, v, ("none",), q.seeds[:1], q.lr_grid, "val") for v in q.variants]
+    lr_grid = _map(val_jobs, n_jobs, "learning-rate grid")
+    best = lr_grid.loc[lr_grid.groupby("variant")["nmse"].idxmin(), ["variant", "lr"]]
     best_lr = dict(zip(best["variant"], best["lr"]))
-    jobs = [
-        (q, v, aux, s, best_lr[v], "test")
-        for v in q.variants
-        for aux in q.aux_losses
-        for s in q.seeds
-    ]
-    runs = pd.DataFrame(_map(jobs, n_jobs, "comparison"))
+    jobs = [(q, v, q.aux_losses, q.seeds, (best_lr[v],), "test") for v in q.variants]
+    runs = _map(jobs, n_jobs, "comparison").rename(columns={"aux_loss": "aux"})
     summary = results.mean_std(runs, ["variant", "aux"], SUMMARY_METRICS)
     summary.insert(2, "lr", summary["variant"].map(best_lr))
     return {"runs": runs, "summary": summary, "lr_grid": lr_grid}
+
+
+def check_quick(q: QuickConfig, run_name: str | None = None) -> None:
+    """Reject unknown variants, auxiliary losses and bad run names before anything trains."""
+    unknown = set(q.variants) - set(VARIANTS)
+    if unknown:
+        raise ConfigError(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}.")
+    bad_aux = set(q.aux_losses) - set(AUX_LOSSES)
+    if bad_aux:
+        raise ConfigError(f"unknown auxiliary losses {sorted(bad_aux)}; choose from {AUX_LOSSES}.")
+    if run_name is not None:
+        results.run_name({"run": run_name})  # raises on unsafe characters
+        results.ResultsDir("quick", run_name)  # the folder must be creatable
 
 
 def write_tables(
@@ -223,7 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", nargs="+", default=list(QuickConfig.variants))
     p.add_argument("--aux", nargs="+", default=list(QuickConfig.aux_losses))
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
-    p.add_argument("--run-name", default="default")
+    p.add_argument(
+        "--run-name",
+        default="local",
+        help="results/quick/<run-name>/ (the committed results are under 'default')",
+    )
     a = p.parse_args(argv)
     q = QuickConfig(
         seeds=tuple(a.seeds),
@@ -231,12 +230,13 @@ def main(argv: list[str] | None = None) -> int:
         variants=tuple(a.variants),
         aux_losses=tuple(a.aux),
     )
+    check_quick(q, a.run_name)
     t0 = time.time()
     tables = quick_comparison(q, n_jobs=a.jobs)
     out = write_tables(tables, q, a.run_name)
     pd.set_option("display.width", 200)
     print("\nLearning-rate grid (validation NMSE, training rule, seed 0, no aux loss):")
-    print(tables["lr_grid"].pivot(index="variant", columns="lr", values="nmse_train").round(3))
+    print(tables["lr_grid"].pivot(index="variant", columns="lr", values="nmse").round(3))
     print(f"\nQuick comparison at mean L0 = {q.k} ({len(q.seeds)} seeds, mean ± std):")
     print(results.summary_markdown(tables["summary"].drop(columns=["lr"]), ["variant", "aux"]))
     print(f"written to {results.relative_to_repo(out.path)} in {time.time() - t0:.0f} s")

@@ -51,13 +51,13 @@ def tokens(source):
 @pytest.fixture(scope="module")
 def mc_sae(source):
     """A Mutual Choice SAE trained directly on the tiny source (a few steps)."""
-    cfg = asae.SAEConfig(d_in=source.d_in, n_features=64, sparsifier="mutual_choice", k=4)
+    cfg = asae.SAEConfig(d_in=source.d_in, n_features=64, rule="mutual_choice", k=4)
     tcfg = asae.TrainConfig(batch_size=128, total_tokens=128 * 6, init_sample_tokens=256)
     return asae.train(cfg, tcfg, source).sae
 
 
 def test_identity_splice_leaves_the_loss_unchanged(lm, tokens):
-    res = lm_eval.downstream_loss(lm.model, lm_eval.IdentitySAE(32), tokens, HOOK, rule="both")
+    res = lm_eval.downstream_loss(lm.model, lm_eval.IdentitySAE(32), tokens, HOOK, mode="both")
     for r in ("train", "inference"):
         assert abs(res[f"delta_ce_{r}"]) < 1e-6
         assert res[f"ce_sae_{r}"] == pytest.approx(res["ce_clean"], abs=1e-6)
@@ -73,7 +73,7 @@ def test_splice_touches_only_positions_from_first(lm, tokens):
     scale = torch.linspace(0.0, 2.0, 32)
 
     class Noisy(lm_eval.IdentitySAE):
-        def reconstruct(self, x, rule="inference"):
+        def reconstruct(self, x, mode="inference"):
             return x * scale
 
     acts = lm_eval.hook_activations(lm.model, tokens, HOOK)
@@ -82,7 +82,7 @@ def test_splice_touches_only_positions_from_first(lm, tokens):
     clean = lm_eval.token_losses(lm.model, tokens)
     torch.testing.assert_close(losses[:, 0], clean[:, 0])  # position 0 untouched
     assert not torch.allclose(losses[:, 1:], clean[:, 1:])
-    res = lm_eval.downstream_loss(lm.model, Noisy(32), tokens, HOOK, rule="inference")
+    res = lm_eval.downstream_loss(lm.model, Noisy(32), tokens, HOOK, mode="inference")
     assert res["delta_ce_inference"] != 0
     expect = (res["ce_zero"] - res["ce_sae_inference"]) / (res["ce_zero"] - res["ce_clean"])
     assert res["loss_recovered_zero_inference"] == pytest.approx(expect)
@@ -99,13 +99,13 @@ def test_train_rule_batches_are_restored_to_token_order():
 
 
 def test_trained_sae_on_the_tiny_source(lm, source, tokens, mc_sae):
-    res = lm_eval.downstream_loss(lm.model, mc_sae, tokens, source.hook, rule="both")
+    res = lm_eval.downstream_loss(lm.model, mc_sae, tokens, source.hook, mode="both")
     for r in ("train", "inference"):
         for key in ("ce_sae", "delta_ce", "loss_recovered_zero", "loss_recovered_mean", "nmse"):
             assert math.isfinite(res[f"{key}_{r}"])
         assert 0 < res[f"l0_{r}"] <= 64
-    m = asae.evaluate(mc_sae, source.held_out(512), rule="train", batch_size=128)
-    assert m["nmse"] > 0
+    m = asae.evaluate(mc_sae, source.held_out(512), mode="train", batch_size=128)
+    assert m.nmse > 0
 
 
 def test_top_activating_contexts_mark_the_byte(lm, tokens):
@@ -132,7 +132,7 @@ def test_token_difficulty_and_rank_correlation(lm, tokens, mc_sae):
     assert lm_eval.rank_correlation(np.arange(10), np.arange(10) ** 3)[0] == pytest.approx(1.0)
     assert np.isnan(lm_eval.rank_correlation(np.ones(10), np.arange(10))[0])  # TopK's L0
     res = lm_eval.l0_vs_difficulty(
-        lm.model, mc_sae, tokens, HOOK, reference_sae=mc_sae, rule="inference"
+        lm.model, mc_sae, tokens, HOOK, reference_sae=mc_sae, mode="inference"
     )
     assert res["n_tokens"] == 12 * 30 == len(res["l0"]) == len(res["lm_loss_bits"])
     for key in ("spearman_l0_vs_lm_loss", "spearman_l0_vs_ref_error"):
@@ -152,8 +152,8 @@ def test_lm_comparison_writes_a_table(source, tmp_path):
         out_dir=str(tmp_path),
         log=None,
     )
-    assert list(df["sparsifier"]) == ["topk", "feature_choice"]
-    for col in ("nmse_train", "nmse_inference", "delta_ce_train", "delta_ce_inference"):
+    assert list(df["variant"]) == ["topk", "feature_choice"]
+    for col in ("nmse", "nmse_inference", "delta_ce", "delta_ce_inference"):
         assert df[col].notna().all()
     out = tmp_path / "lm_comparison" / "tiny"
     assert (out / "table.csv").is_file() and (out / "provenance.json").is_file()

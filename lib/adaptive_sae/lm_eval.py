@@ -8,11 +8,11 @@ every intervention, and the cross-entropy is averaged over the predictions made 
 ``first`` onwards, so every intervention is scored on the same predictions. Loss units are nats.
 
     ce_clean             the model as it is
-    ce_sae[rule]         activation -> sae.reconstruct(activation, rule)
+    ce_sae[mode]         activation -> sae.reconstruct(activation, mode)
     ce_zero, ce_mean     activation -> 0, or -> its mean over the evaluated tokens
-    delta_ce[rule]            = ce_sae − ce_clean
-    loss_recovered_zero[rule] = (ce_zero − ce_sae) / (ce_zero − ce_clean)   (SAELens, SAEBench)
-    loss_recovered_mean[rule] = (ce_mean − ce_sae) / (ce_mean − ce_clean)   (BatchTopK)
+    delta_ce[mode]            = ce_sae − ce_clean
+    loss_recovered_zero[mode] = (ce_zero − ce_sae) / (ce_zero − ce_clean)   (SAELens, SAEBench)
+    loss_recovered_mean[mode] = (ce_mean − ce_sae) / (ce_mean − ce_clean)   (BatchTopK)
 
 Under the training rule (batch-level for Feature Choice and Mutual Choice) the spliced tokens
 are shuffled with a fixed permutation and reconstructed in batches of the SAE's training batch
@@ -31,26 +31,26 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, Protocol
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import Tensor
 
 from .data.tiny import activations_at
 
-Rule = Literal["train", "inference"]
-RuleArg = Rule | Literal["both"] | Sequence[Rule]
+Mode = Literal["train", "inference"]
+ModeArg = Mode | Literal["both"] | Sequence[Mode]
 
 
 class SpliceableSAE(Protocol):
     """What the evaluations need from an SAE."""
 
-    def encode(self, x: Tensor, rule: Rule = "train") -> Tensor: ...
+    def encode(self, x: Tensor, mode: Mode = "train") -> Tensor: ...
 
-    def reconstruct(self, x: Tensor, rule: Rule = "inference") -> Tensor: ...
+    def reconstruct(self, x: Tensor, mode: Mode = "inference") -> Tensor: ...
 
 
 class IdentitySAE:
@@ -59,21 +59,21 @@ class IdentitySAE:
     def __init__(self, d_in: int) -> None:
         self.d_in = d_in
 
-    def encode(self, x: Tensor, rule: Rule = "train") -> Tensor:
+    def encode(self, x: Tensor, mode: Mode = "train") -> Tensor:
         return x
 
-    def reconstruct(self, x: Tensor, rule: Rule = "inference") -> Tensor:
+    def reconstruct(self, x: Tensor, mode: Mode = "inference") -> Tensor:
         return x
 
 
-def _rules(rule: RuleArg) -> list[Rule]:
-    if rule == "both":
+def _modes(mode: ModeArg) -> list[Mode]:
+    if mode == "both":
         return ["train", "inference"]
-    if isinstance(rule, str):
-        if rule not in ("train", "inference"):
-            raise ValueError(f"rule={rule!r} is not known; use 'train', 'inference' or 'both'.")
-        return [rule]  # type: ignore[list-item]
-    return [r for r in _rules("both") if r in rule]
+    if isinstance(mode, str):
+        if mode not in ("train", "inference"):
+            raise ValueError(f"mode={mode!r} is not known; use 'train', 'inference' or 'both'.")
+        return [mode]  # type: ignore[list-item]
+    return [m for m in _modes("both") if m in mode]
 
 
 def _device(model) -> torch.device:
@@ -100,7 +100,7 @@ def hook_activations(model, tokens: Tensor, hook: str, batch_size: int = 64) -> 
 def sae_apply(
     sae: SpliceableSAE,
     x: Tensor,
-    rule: Rule,
+    mode: Mode,
     what: Literal["reconstruct", "encode"] = "reconstruct",
     seed: int = 0,
 ) -> Tensor:
@@ -110,12 +110,12 @@ def sae_apply(
     fn = getattr(sae, what)
     dev = getattr(getattr(sae, "W_dec", None), "device", x.device)
     B = _train_batch_size(sae)
-    if rule == "train":
+    if mode == "train":
         perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
         xs = x[perm]
     else:
         perm, xs = None, x
-    outs = [fn(xs[i : i + B].to(dev), rule=rule).float().cpu() for i in range(0, x.shape[0], B)]
+    outs = [fn(xs[i : i + B].to(dev), mode=mode).float().cpu() for i in range(0, x.shape[0], B)]
     y = torch.cat(outs)
     if perm is not None:
         y = y[torch.argsort(perm)]
@@ -169,7 +169,7 @@ def downstream_loss(
     sae: SpliceableSAE,
     tokens: Tensor,
     hook: str,
-    rule: RuleArg = "both",
+    mode: ModeArg = "both",
     batch_size: int = 32,
     first: int = 1,
 ) -> dict[str, Any]:
@@ -206,7 +206,7 @@ def downstream_loss(
         "ce_zero": ce_zero,
         "ce_mean": ce_mean,
     }
-    for r in _rules(rule):
+    for r in _modes(mode):
         x_hat = sae_apply(sae, spliced, r)
         codes = sae_apply(sae, spliced, r, what="encode")
         rep = acts.clone()
@@ -248,7 +248,7 @@ def top_activating_contexts(
     feature: int,
     n: int = 10,
     window: tuple[int, int] = (24, 8),
-    rule: Rule = "inference",
+    mode: Mode = "inference",
     first: int = 1,
     batch_size: int = 64,
     decode: Callable[[list[int]], str] | None = None,
@@ -259,7 +259,7 @@ def top_activating_contexts(
     decode = decode or default_decoder(model)
     acts = hook_activations(model, tokens, hook, batch_size)
     n_ctx, T, d = acts.shape
-    codes = sae_apply(sae, acts[:, first:].reshape(-1, d), rule, what="encode")
+    codes = sae_apply(sae, acts[:, first:].reshape(-1, d), mode, what="encode")
     values = codes[:, feature].view(n_ctx, T - first)
     flat = values.flatten()
     k = min(n, int((flat > 0).sum()))
@@ -313,7 +313,7 @@ def l0_vs_difficulty(
     sae: SpliceableSAE,
     tokens: Tensor,
     hook: str,
-    rule: Rule = "inference",
+    mode: Mode = "inference",
     reference_sae: SpliceableSAE | None = None,
     first: int = 1,
     batch_size: int = 64,
@@ -324,12 +324,12 @@ def l0_vs_difficulty(
     acts = hook_activations(model, tokens, hook, batch_size)[:, first:-1]  # positions first..T-2
     n, P, d = acts.shape
     x = acts.reshape(-1, d)
-    l0 = (sae_apply(sae, x, rule, what="encode") != 0).sum(-1).double()
+    l0 = (sae_apply(sae, x, mode, what="encode") != 0).sum(-1).double()
     loss = token_difficulty(model, tokens, batch_size)[:, first:].reshape(-1).double()
     rho, p = rank_correlation(l0, loss)
     out: dict[str, Any] = {
         "n_tokens": int(l0.numel()),
-        "rule": rule,
+        "mode": mode,
         "spearman_l0_vs_lm_loss": rho,
         "p_l0_vs_lm_loss": p,
         "l0": l0.numpy(),
@@ -352,7 +352,7 @@ RULES = ("topk", "feature_choice", "feature_choice_zipf", "mutual_choice", "relu
 
 
 def lm_comparison(
-    sparsifiers: Sequence[str] = RULES,
+    variants: Sequence[Any] = RULES,
     *,
     n_features: int = 1024,
     k: float = 8.0,
@@ -365,52 +365,49 @@ def lm_comparison(
     out_dir: str | None = None,
     log: Callable[[str], None] | None = print,
 ) -> Any:
-    """Train an SAE of each rule on the embedded model's activations (harvested once into the
-    disk cache) and report NMSE on held-out activations and downstream loss under both rules.
-    Returns a DataFrame; writes ``table.csv``, ``metrics.json`` and ``provenance.json`` under
+    """Train an SAE of each variant (a rule name or ``experiments.Variant``) on the embedded
+    model's activations (harvested once into the disk cache) through the experiment driver,
+    and report NMSE on held-out activations and downstream loss in both modes. Returns a
+    DataFrame; writes ``table.csv``, ``metrics.json`` and ``provenance.json`` under
     ``results/lm_comparison/<run>/`` (or `out_dir`)."""
-    import pandas as pd
-
-    import adaptive_sae as asae
     from adaptive_sae.data import activation_source
 
+    from . import experiments as ex
     from . import results
 
     src = source or activation_source("tiny", seed=seed, cache=True, cache_tokens=total_tokens)
-    x_eval = src.held_out(eval_tokens)
+    eval_set = ex.EvalSet(src.held_out(eval_tokens))
     ctx = src.eval_contexts(eval_contexts)
     rows = []
-    for name in sparsifiers:
-        t0 = time.perf_counter()
-        cfg = asae.SAEConfig(d_in=src.d_in, n_features=n_features, sparsifier=name, k=k)
-        tcfg = asae.TrainConfig(batch_size=batch_size, total_tokens=total_tokens, seed=seed)
-        run = asae.train(cfg, tcfg, src)
-        train_s = time.perf_counter() - t0
-        row: dict[str, Any] = {"sparsifier": name, "train_seconds": round(train_s, 1)}
-        for r in ("train", "inference"):
-            m = asae.evaluate(run.sae, x_eval, rule=r)
-            row[f"nmse_{r}"] = m["nmse"]
-            row[f"l0_{r}"] = m["l0_mean"]
-            row[f"dead_{r}"] = m["dead_fraction"]
-        ds = downstream_loss(src.model, run.sae, ctx, src.hook, rule="both")
-        for key in ("ce_clean", "ce_zero", "ce_mean"):
-            row[key] = ds[key]
-        for r in ("train", "inference"):
-            row[f"delta_ce_{r}"] = ds[f"delta_ce_{r}"]
-            row[f"loss_recovered_zero_{r}"] = ds[f"loss_recovered_zero_{r}"]
-            row[f"loss_recovered_mean_{r}"] = ds[f"loss_recovered_mean_{r}"]
-        diff = l0_vs_difficulty(src.model, run.sae, ctx, src.hook, rule="inference")
+    for variant in variants:
+        trained = ex.train_one(
+            src,
+            variant,
+            k=k,
+            n_features=n_features,
+            seed=seed,
+            batch_size=batch_size,
+            total_tokens=total_tokens,
+        )
+        row, _ = ex.evaluate_trained(trained, eval_set)
+        ds = downstream_loss(src.model, trained.run.sae, ctx, src.hook, mode="both")
+        row.update({key: ds[key] for key in ("ce_clean", "ce_zero", "ce_mean")})
+        for m, suffix in (("train", ""), ("inference", "_inference")):
+            row["delta_ce" + suffix] = ds[f"delta_ce_{m}"]
+            row["loss_recovered" + suffix] = ds[f"loss_recovered_zero_{m}"]
+            row["loss_recovered_mean" + suffix] = ds[f"loss_recovered_mean_{m}"]
+        diff = l0_vs_difficulty(src.model, trained.run.sae, ctx, src.hook, mode="inference")
         row["spearman_l0_vs_lm_loss"] = diff["spearman_l0_vs_lm_loss"]
         rows.append(row)
         if log:
             log(
-                f"{name:>20}: NMSE {row['nmse_train']:.3f}/{row['nmse_inference']:.3f}  "
-                f"ΔCE {row['delta_ce_train']:.4f}/{row['delta_ce_inference']:.4f} nats "
-                f"(train/inference rule), {train_s:.0f}s"
+                f"{row['variant']:>20}: NMSE {row['nmse']:.3f}/{row['nmse_inference']:.3f}  "
+                f"ΔCE {row['delta_ce']:.4f}/{row['delta_ce_inference']:.4f} nats "
+                f"(train/inference mode), {trained.seconds:.0f}s"
             )
     df = pd.DataFrame(rows)
     params = {
-        "sparsifiers": list(sparsifiers),
+        "variants": [ex.as_variant(v).name for v in variants],
         "n_features": n_features,
         "k": k,
         "batch_size": batch_size,
@@ -422,19 +419,24 @@ def lm_comparison(
     rd = results.ResultsDir("lm_comparison", run_name="tiny", root=out_dir)
     rd.save_table("table", df)
     rd.save_metrics(
-        {f"{r['sparsifier']}_{k_}": v for r in rows for k_, v in r.items() if k_ != "sparsifier"}
+        {
+            f"{r['variant']}_{key}": v
+            for r in rows
+            for key, v in r.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
     )
     rd.save_provenance(params, source=src, seeds=[seed])
     if log:
         cols = [
-            "sparsifier",
-            "nmse_train",
+            "variant",
+            "nmse",
             "nmse_inference",
-            "l0_train",
-            "l0_inference",
-            "delta_ce_train",
+            "l0_mean",
+            "l0_mean_inference",
+            "delta_ce",
             "delta_ce_inference",
-            "loss_recovered_zero_inference",
+            "loss_recovered_inference",
             "spearman_l0_vs_lm_loss",
         ]
         log(df[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
@@ -451,7 +453,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--k", type=float, default=8.0)
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rules", nargs="+", default=list(RULES))
+    p.add_argument("--rules", nargs="+", default=list(RULES), help="registered rule names")
     a = p.parse_args(argv)
     lm_comparison(
         a.rules,

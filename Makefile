@@ -19,9 +19,29 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev,book]"
 	@touch $(STAMP)
 
+# SAELens 6 needs transformer-lens<4 and the suite uses 4.x, so the SAELens round-trip test
+# (tests/test_saelens.py) runs SAELens in its own environment, created once and cached here.
+# The stamp names the pin, so changing SAELENS_PIN rebuilds it. SKIP_SAELENS=1 opts out (the
+# test then skips with that reason); otherwise a failure to create it fails `make test`.
+SAELENS_VENV ?= .venv-saelens
+SAELENS_PIN ?= sae-lens==6.54.12
+SAELENS_STAMP := $(SAELENS_VENV)/.installed-$(subst ==,-,$(SAELENS_PIN))
+
+.PHONY: saelens-venv
+saelens-venv: $(SAELENS_STAMP)
+
+$(SAELENS_STAMP):
+	@$(SAELENS_VENV)/bin/python -m pip --version >/dev/null 2>&1 || $(PYTHON) -m venv --clear $(SAELENS_VENV)
+	rm -f $(SAELENS_VENV)/.installed*
+	$(SAELENS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(SAELENS_VENV)/bin/python -m pip install --quiet "$(TORCH_PIN)" || echo "$(TORCH_PIN) is not available here; pip picks a torch build"
+	$(SAELENS_VENV)/bin/python -m pip install --quiet "$(SAELENS_PIN)"
+	$(SAELENS_VENV)/bin/python -c "import sae_lens; print('SAELens', sae_lens.__version__)"
+	@touch $@
+
 # pytest over tests/, and nbval executing every notebook at its quick defaults (the claim
 # cells are the assertions).
-test: $(STAMP)
+test: $(STAMP) $(if $(SKIP_SAELENS),,$(SAELENS_STAMP))
 	$(PY) -m pytest tests notebooks --nbval-lax
 
 quick: $(STAMP)

@@ -166,8 +166,18 @@ class SparseAutoencoder(nn.Module):
         self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     # ----- persistence ----------------------------------------------------------------------
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Weights in safetensors and cfg.json beside them, each written atomically."""
+    def save(self, directory: str | os.PathLike, format: str = "suite", **kwargs) -> Path:
+        """Weights in safetensors and cfg.json beside them, each written atomically.
+        format="saelens" writes SAELens 6.x's folder instead (``saelens.save_saelens``; kwargs
+        go there)."""
+        if format == "saelens":
+            from .saelens import save_saelens
+
+            return save_saelens(self, directory, **kwargs)
+        if format != "suite":
+            raise ValueError(f"format={format!r} is not known; use 'suite' or 'saelens'.")
+        if kwargs:
+            raise TypeError(f"save() takes {sorted(kwargs)} only with format='saelens'.")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         atomic_save_tensors(dict(self.state_dict()), directory / WEIGHTS_FILE)
@@ -176,7 +186,12 @@ class SparseAutoencoder(nn.Module):
 
     @classmethod
     def load(cls, directory: str | os.PathLike, device: str = "cpu") -> SparseAutoencoder:
+        """A folder written by save(), or a SAELens folder (``saelens.load_saelens``)."""
         directory = Path(directory)
+        from .saelens import is_saelens_dir, load_saelens
+
+        if not (directory / WEIGHTS_FILE).exists() and is_saelens_dir(directory):
+            return load_saelens(directory, device=device)
         for name in (WEIGHTS_FILE, CONFIG_FILE):
             if not (directory / name).exists():
                 raise FileNotFoundError(

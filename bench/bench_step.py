@@ -2,10 +2,10 @@
 
     python bench/bench_step.py                      # main configuration, CPU
     python bench/bench_step.py --suite all --device cuda
-    python bench/bench_step.py --suite small --naive --json results.json
+    python bench/bench_step.py --suite small --json results.json
 
 Each row runs in its own process (so peak memory is that row's alone) and times the real
-training step (``adaptive_sae.trainer._Trainer.train_step``: forward, losses, backward, decoder
+training step (``adaptive_sae.Trainer.step``: forward, losses, backward, decoder
 projection, clipping, Adam, statistics, thresholds). Before every step the same process times
 one dense ``torch.mm`` of the encoder's shape (B×d by d×F); the ratio column is the median over
 steps of step time / that adjacent product time, which stays meaningful on a loaded machine.
@@ -52,11 +52,6 @@ ROWS_MAIN = [
     ("saelens", "topk", "none"),
     ("saelens", "topk", "aux_k"),
     ("saelens", "batch_topk", "none"),
-]
-ROWS_NAIVE = [
-    ("naive", "topk", "none"),
-    ("naive", "mutual_choice", "none"),
-    ("naive", "feature_choice", "none"),
 ]
 ROWS_SWEEP = [
     ("suite", "topk", "none"),
@@ -169,20 +164,19 @@ def _make_data(torch, d, B, device, n=4, seed=0):
 
 def _suite_step(torch, spec, data, device):
     from adaptive_sae.config import SAEConfig, TrainConfig
-    from adaptive_sae.trainer import _Trainer
+    from adaptive_sae.trainer import Trainer
 
     d, F, k, B = spec["d"], spec["F"], spec["k"], spec["B"]
-    cfg = SAEConfig(d_in=d, n_features=F, sparsifier=spec["rule"], k=k)
+    cfg = SAEConfig(d_in=d, n_features=F, rule=spec["rule"], k=k)
     tcfg = TrainConfig(
         batch_size=B,
         total_tokens=B * 100_000,
         aux_loss=spec["aux"],
         device=str(device),
         autocast_bf16=spec["bf16"],
-        fast_path=spec["impl"] != "naive",
     )
-    t = _Trainer(cfg, tcfg, None)
-    t.sae.init_from_data(torch.cat(data)[:8192])
+    t = Trainer(cfg, tcfg)
+    t.init_from_data(torch.cat(data)[:8192])
     dead = torch.arange(F, device=device) % round(1 / DEAD_FRACTION) == 0
     under = torch.arange(F, device=device) % round(1 / UNDER_FRACTION) == 1
     win = tcfg.dead_window_tokens
@@ -198,7 +192,7 @@ def _suite_step(torch, spec, data, device):
 
     def step(x):
         prepare()
-        t.train_step(x)
+        t.step(x)
 
     return step
 
@@ -374,7 +368,7 @@ def _machine(device: str) -> str:
 
 
 def _label(impl: str, rule: str, aux: str) -> str:
-    name = {"suite": "suite", "naive": "suite (dense autograd)", "saelens": "SAELens"}[impl]
+    name = {"suite": "suite", "saelens": "SAELens"}[impl]
     return f"{name} {rule}" + ("" if aux == "none" else f" + {aux}")
 
 
@@ -386,7 +380,6 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--sweep-steps", type=int, default=10, help="measured steps in the width sweep")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for both libraries")
-    p.add_argument("--naive", action="store_true", help="also time the dense-autograd path")
     p.add_argument("--no-saelens", action="store_true")
     p.add_argument(
         "--only", default="", help="comma-separated rules to keep (e.g. topk,batch_topk)"
@@ -412,7 +405,7 @@ def main(argv=None) -> int:
     suites = ["main", "small", "sweep"] if a.suite == "all" else [a.suite]
     jobs = []
     for s in suites:
-        rows = ROWS_SWEEP if s == "sweep" else ROWS_MAIN + (ROWS_NAIVE if a.naive else [])
+        rows = ROWS_SWEEP if s == "sweep" else ROWS_MAIN
         for conf in CONFIGS[s]:
             for impl, rule, aux in rows:
                 if impl == "saelens" and not use_sl:

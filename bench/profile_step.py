@@ -3,7 +3,7 @@
     python bench/profile_step.py --rule topk
     python bench/profile_step.py --rule mutual_choice --aux aux_k --device cuda
 
-Wraps the phases of the real training step (``_Trainer.train_step``) with timers: the dense
+Wraps the phases of the real training step (``Trainer.step``) with timers: the dense
 affinities, the selection, the sparse reconstruction, the auxiliary loss, the backward pass,
 the decoder projection, gradient clipping, Adam, the decoder renormalisation, and the rest
 (losses, statistics, thresholds). Each is the median over the measured steps; the dense product
@@ -36,15 +36,14 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--naive", action="store_true", help="profile the dense-autograd path")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--threads", type=int, default=0)
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    import adaptive_sae.kernels as K
     import adaptive_sae.sae as S
     import adaptive_sae.trainer as T
+    from adaptive_sae.rules import get_rule
 
     dev = torch.device(a.device)
     cuda = dev.type == "cuda"
@@ -67,12 +66,11 @@ def main(argv=None) -> int:
         return wrapped
 
     # the phases (module attributes the trainer looks up at call time)
-    K.affinities = timer("affinities (dense product)", K.affinities)
-    K.select = timer("selection", K.select)
-    K.sparse_reconstruct = timer("sparse reconstruction (forward)", K.sparse_reconstruct)
-    T._Trainer._aux = timer("auxiliary loss (forward)", T._Trainer._aux)
-    if a.naive:
-        T._Trainer._forward = timer("forward (dense autograd)", T._Trainer._forward)
+    T.affinities = timer("affinities (dense product)", T.affinities)
+    rule_cls = type(get_rule(a.rule))
+    rule_cls.select = timer("selection", rule_cls.select)
+    T.sparse_reconstruct = timer("sparse reconstruction (forward)", T.sparse_reconstruct)
+    T.Trainer._aux = timer("auxiliary loss (forward)", T.Trainer._aux)
     torch.Tensor.backward = timer("backward", torch.Tensor.backward)
     S.SparseAutoencoder.remove_parallel_grad = timer(
         "decoder gradient projection", S.SparseAutoencoder.remove_parallel_grad
@@ -82,10 +80,10 @@ def main(argv=None) -> int:
     S.SparseAutoencoder.normalize_decoder = timer(
         "decoder renormalisation", S.SparseAutoencoder.normalize_decoder
     )
-    T._Trainer.train_step = timer("step (total)", T._Trainer.train_step)
+    T.Trainer.step = timer("step (total)", T.Trainer.step)
 
     spec = dict(
-        impl="naive" if a.naive else "suite",
+        impl="suite",
         rule=a.rule,
         aux=a.aux,
         d=a.d,

@@ -16,21 +16,28 @@ rename), so an interrupted run never leaves a half-written table behind.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
 import hashlib
-import json
 import math
 import os
 import platform
 import re
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from . import io as _io
+from .io import (
+    atomic_write_bytes,
+    atomic_write_text,
+    find_repo_root,
+    to_jsonable,
+    write_csv,
+    write_json,
+)
 
 RESULTS_ENV = "ADAPTIVE_SAE_RESULTS"
 """Environment variable that overrides the results root (tests point it at a temporary folder)."""
@@ -54,20 +61,6 @@ _MAX_NAME = 120
 
 
 # ----------------------------------------------------------------------------- locations
-
-
-def find_repo_root(start: str | os.PathLike | None = None) -> Path | None:
-    """The nearest folder at or above ``start`` (default: the working directory) that holds
-    this project (a ``pyproject.toml`` beside ``lib/adaptive_sae``); falls back to the folder
-    the package is installed from; None when neither is a checkout."""
-    here = Path(start or Path.cwd()).resolve()
-    for folder in (here, *here.parents):
-        if (folder / "pyproject.toml").is_file() and (folder / "lib" / "adaptive_sae").is_dir():
-            return folder
-    package_root = Path(__file__).resolve().parents[2]
-    if (package_root / "pyproject.toml").is_file():
-        return package_root
-    return None
 
 
 def results_root() -> Path:
@@ -148,66 +141,9 @@ def _check_run_name(name: str) -> str:
 # ----------------------------------------------------------------------------- atomic writes
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def to_jsonable(obj: Any) -> Any:
-    """Convert numpy/torch scalars and arrays, dataclasses, paths and sets into JSON types.
-    Non-finite floats become None (JSON has no NaN)."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return to_jsonable(dataclasses.asdict(obj))
-    if isinstance(obj, Mapping):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return obj.as_posix()
-    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
-        return obj
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if hasattr(obj, "tolist"):  # numpy arrays and scalars, torch tensors
-        return to_jsonable(obj.tolist())
-    if hasattr(obj, "item"):
-        return to_jsonable(obj.item())
-    if hasattr(obj, "_asdict"):
-        return to_jsonable(obj._asdict())
-    return str(obj)
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as indented, key-sorted JSON, atomically."""
-    text = json.dumps(to_jsonable(obj), indent=2, sort_keys=True, allow_nan=False)
-    return atomic_write_text(path, text + "\n")
-
-
 def read_json(path: str | os.PathLike) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
-
-
-def write_csv(path: str | os.PathLike, df) -> Path:
-    """Write a pandas DataFrame as CSV (no index), atomically."""
-    return atomic_write_text(path, df.to_csv(index=False, float_format="%.8g"))
+    """Parse a JSON file; a malformed one raises an error naming it."""
+    return _io.read_json(path)
 
 
 # ----------------------------------------------------------------------------- tables

@@ -12,10 +12,8 @@ already consumed are skipped, so the stream must be deterministic (sources are).
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
-import shutil
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +21,9 @@ from typing import Any
 
 import pandas as pd
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 
-from . import losses
+from . import checkpoints, losses
 from .config import (
     SAEConfig,
     TrainConfig,
@@ -35,7 +32,7 @@ from .config import (
     resolve_lr,
 )
 from .rules import get_rule
-from .sae import SparseAutoencoder, atomic_save_tensors, atomic_write_bytes
+from .sae import SparseAutoencoder
 from .sparse_ops import Workspace, affinities, sparse_reconstruct, values_at
 from .stats import FeatureStats
 
@@ -120,16 +117,7 @@ def lr_at(step: int, n_steps: int, base: float, warmup: float, decay: float) -> 
 
 # ----- checkpoints ---------------------------------------------------------------------------
 def _latest_checkpoint(root: Path) -> Path:
-    root = Path(root)
-    if (root / "trainer_state.json").exists():
-        return root
-    pointer = root / "latest"
-    if not pointer.exists():
-        raise FileNotFoundError(
-            f"no checkpoint in {root}: expected a 'latest' file written by train(..., "
-            f"checkpoint_dir={str(root)!r})."
-        )
-    return root / pointer.read_text().strip()
+    return checkpoints.latest_checkpoint(root)
 
 
 class Trainer:
@@ -181,45 +169,22 @@ class Trainer:
     def save_checkpoint(self) -> Path | None:
         if self.checkpoint_dir is None:
             return None
-        root = self.checkpoint_dir
-        root.mkdir(parents=True, exist_ok=True)
-        name = f"step_{self.steps_done:08d}"
-        tmp = root / f".tmp_{name}_{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.sae.save(tmp)
-        atomic_save_tensors(self.stats.state_dict(), tmp / "stats.safetensors")
-        torch.save(self.opt.state_dict(), tmp / "optimizer.pt")
-        (tmp / "train_cfg.json").write_text(self.tcfg.to_json())
-        pd.DataFrame(self.rows).to_csv(tmp / "history.csv", index=False)
-        state = {"step": self.steps_done, "rule_state": self.rule_state, "rows": self.rows}
-        (tmp / "trainer_state.json").write_text(json.dumps(state))
-        final = root / name
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        atomic_write_bytes(root / "latest", name.encode())
-        steps = sorted(p for p in root.glob("step_*") if p.is_dir())
-        for old in steps[: -self.tcfg.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-        return final
+        state = {"rule_state": self.rule_state, "rows": self.rows}
+        return checkpoints.save_checkpoint(
+            self.checkpoint_dir,
+            self.steps_done,
+            self.sae,
+            self.stats.state_dict(),
+            self.opt,
+            self.tcfg,
+            state,
+            history=pd.DataFrame(self.rows),
+        )
 
     def load_checkpoint(self, where: Path) -> None:
-        ckpt = _latest_checkpoint(where)
-        saved = TrainConfig.from_json((ckpt / "train_cfg.json").read_text())
-        if saved != self.tcfg:
-            raise ValueError(
-                f"checkpoint {ckpt} was written with a different TrainConfig; resume with the "
-                f"same configuration (differences: "
-                f"{ {k: v for k, v in saved.to_dict().items() if self.tcfg.to_dict()[k] != v} })."
-            )
-        loaded = SparseAutoencoder.load(ckpt, device=str(self.device))
-        if loaded.cfg != self.cfg:
-            raise ValueError(f"checkpoint {ckpt} holds an SAE with a different SAEConfig.")
-        self.sae.load_state_dict(loaded.state_dict())
-        self.stats.load_state_dict(load_file(str(ckpt / "stats.safetensors")))
-        self.opt.load_state_dict(
-            torch.load(ckpt / "optimizer.pt", map_location=self.device, weights_only=True)
+        state = checkpoints.load_checkpoint(
+            where, self.sae, self.stats, self.opt, self.cfg, self.tcfg, self.device
         )
-        state = json.loads((ckpt / "trainer_state.json").read_text())
         self.steps_done, self.rule_state, self.rows = (
             state["step"],
             state["rule_state"],

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,25 +31,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..io import CACHE_ENV, atomic_write_bytes, cache_root, save_npy, write_json
+
 HarvestFn = Callable[[torch.Tensor], torch.Tensor]
 """Maps contexts (n, T) of token ids to activations (n, T, d)."""
 ContextsFn = Callable[[int], Iterator[torch.Tensor]]
 """Maps a pass index to an iterator of context chunks (n, T); finite or infinite."""
-
-CACHE_ENV = "ADAPTIVE_SAE_CACHE"
-
-
-def cache_root() -> Path:
-    """``$ADAPTIVE_SAE_CACHE``, else ``.cache/adaptive_sae`` in the project root above the current
-    directory (the first parent with a ``pyproject.toml`` or ``.git``), else in the current one."""
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env).expanduser()
-    cwd = Path.cwd().resolve()
-    for d in (cwd, *cwd.parents):
-        if (d / "pyproject.toml").is_file() or (d / ".git").exists():
-            return d / ".cache" / "adaptive_sae"
-    return cwd / ".cache" / "adaptive_sae"
 
 
 def short_hash(obj: Any, n: int = 16) -> str:
@@ -59,19 +45,9 @@ def short_hash(obj: Any, n: int = 16) -> str:
     return hashlib.sha256(blob).hexdigest()[:n]
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write data to path via a temporary file and os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+def atomic_write_json(path: Path, obj: Any) -> Path:
+    """Write ``obj`` as JSON atomically (see adaptive_sae.io)."""
+    return write_json(path, obj)
 
 
 @dataclass
@@ -254,8 +230,6 @@ class ActivationStore:
         if n == 0:
             raise RuntimeError("no activation was harvested for the cache; check the source.")
         data = torch.cat(chunks).numpy().astype(np.float32)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
-        np.save(tmp, data)
         meta = {
             "n_vectors": int(data.shape[0]),
             "d_in": self.d_in,
@@ -263,8 +237,9 @@ class ActivationStore:
             "provenance": self.provenance,
             "store": asdict(self.cfg),
         }
+        # the sidecar first: an array without its sidecar is an interrupted build
         atomic_write_json(path.with_suffix(".json"), meta)
-        os.replace(tmp, path)
+        save_npy(data, path)
         return path
 
     def load_cache(self) -> np.ndarray:

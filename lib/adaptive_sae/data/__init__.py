@@ -51,10 +51,17 @@ def _gpt2(**params: Any) -> ActivationSource:
     return GPT2Source(**params)
 
 
+def _hf(**params: Any) -> ActivationSource:
+    from .hf import HFSource
+
+    return HFSource(**params)
+
+
 _SOURCES: dict[str, Callable[..., ActivationSource]] = {
     "synthetic": _synthetic,
     "tiny": _tiny,
     "gpt2": _gpt2,
+    "hf": _hf,
 }
 
 

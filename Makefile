@@ -57,6 +57,7 @@ reproduce: $(STAMP)
 # Renders the notebooks the sweeps executed (papermill_runs/<sweep>/*.ipynb); never executes.
 book: $(STAMP)
 	rm -rf book/_build/html
+	$(PY) book/prepare.py
 	$(VENV)/bin/jupyter-book build . --config book/_config.yml --toc book/_toc.yml --path-output book
 	@echo "book: book/_build/html/index.html"
 

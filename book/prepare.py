@@ -1,0 +1,318 @@
+"""Prepare the book's generated pages; `make book` runs it before `jupyter-book build`.
+
+Two products, both under ``book/_generated/`` (a build product, not tracked):
+
+- ``runs/<sweep>/<point>.ipynb``: a copy of each executed notebook
+  ``papermill_runs/<sweep>/<point>.ipynb`` whose first heading names the experiment and the
+  point's parameters ("Sparsity allocation — input_scaling=per_token, seeds=0-1-2"). Sphinx
+  titles a page by its first heading, and every point of a sweep shares its notebook's heading,
+  so without this the navigation lists the same title once per point.
+- ``tables/<name>.md``: the short tables the chapters lead with, a few key columns of the
+  committed ``results/<experiment>/<sweep>/summary.csv`` spelled ``mean ± std``.
+
+Nothing is executed or trained: the inputs are files already on disk.
+
+    python book/prepare.py [--root REPO] [--out REPO/book/_generated]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+
+HEADING = re.compile(r"^#[ \t]+(.+?)[ \t]*$", re.MULTILINE)
+
+
+class PrepareError(RuntimeError):
+    """A book input is missing or malformed; the message names the file and the fix."""
+
+
+# --- titled copies of the executed notebooks -------------------------------------------------
+
+
+def point_parameters(point: str) -> str:
+    """``input_scaling=per_token__seeds=0-1-2`` -> ``input_scaling=per_token, seeds=0-1-2``."""
+    return ", ".join(part for part in point.split("__") if part)
+
+
+def short_name(heading: str) -> str:
+    """The experiment's name from a notebook heading: the part before its question."""
+    return heading.split(":", 1)[0].strip()
+
+
+def point_title(heading: str, point: str, failed: bool = False) -> str:
+    title = f"{short_name(heading)} — {point_parameters(point)}"
+    return f"{title} (failed)" if failed else title
+
+
+def titled_copy(src: Path, dst: Path, sweep: str) -> str:
+    """Write ``src`` to ``dst`` with its first heading replaced by the point's title (the
+    original question follows as a line of text); returns the title."""
+    try:
+        nb = nbformat.read(src, as_version=4)
+    except Exception as exc:  # nbformat raises several unrelated types for a bad file
+        raise PrepareError(
+            f"{src}: not a readable notebook ({exc}); delete it and its .done.json marker, then "
+            f"run the sweep again to re-execute this point."
+        ) from exc
+    point = src.stem
+    failed = src.with_name(f"{point}.failed.json").is_file()
+    for cell in nb.cells:
+        if cell.cell_type != "markdown":
+            continue
+        match = HEADING.search(cell.source)
+        if match is None:
+            continue
+        heading = match.group(1)
+        title = point_title(heading, point, failed)
+        question = heading.split(":", 1)[1].strip() if ":" in heading else ""
+        lead = f"*{question}* " if question else ""
+        where = (
+            f"{lead}One point of the sweep `papermill_runs/{sweep}.yaml`, executed with "
+            f"`{point_parameters(point)}`."
+        )
+        cell.source = (
+            cell.source[: match.start()] + f"# {title}\n\n{where}" + cell.source[match.end() :]
+        )
+        break
+    else:
+        title = point_title(sweep.replace("_", " ").capitalize(), point, failed)
+        nb.cells.insert(0, nbformat.v4.new_markdown_cell(f"# {title}"))
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, dst)
+    return title
+
+
+def titled_runs(runs_dir: Path, out: Path) -> dict[str, list[str]]:
+    """Titled copies of every ``runs_dir/<sweep>/<point>.ipynb`` under ``out``; the titles
+    by sweep."""
+    if out.exists():
+        shutil.rmtree(out)
+    titles: dict[str, list[str]] = {}
+    if not runs_dir.is_dir():
+        return titles
+    for sweep_dir in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
+        for src in sorted(sweep_dir.glob("*.ipynb")):
+            dst = out / sweep_dir.name / src.name
+            titles.setdefault(sweep_dir.name, []).append(titled_copy(src, dst, sweep_dir.name))
+    return titles
+
+
+# --- short tables from the committed summaries -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShortTable:
+    """Key columns of one committed summary table."""
+
+    name: str
+    """Output file ``tables/<name>.md``."""
+    csv: str
+    """The summary, relative to ``results/``."""
+    index: dict[str, str]
+    """Identifying columns kept, and their headers."""
+    metrics: dict[str, str]
+    """Metrics kept (``<metric>_mean``/``_std`` in the CSV), and their headers."""
+    pivot: str | None = None
+    """A column whose values become columns (then exactly one metric)."""
+    keep: dict[str, list] = field(default_factory=dict)
+    """Rows kept: column -> values, in the order shown."""
+
+
+def _decimals(value: float) -> int:
+    """Decimals that show three significant digits of ``value`` (at most four)."""
+    if value == 0 or not math.isfinite(value):
+        return 0
+    return min(4, max(0, 2 - math.floor(math.log10(abs(value)))))
+
+
+def mean_std(mean: float, std: float, n: int) -> str:
+    """``0.37994, 0.00152`` -> ``0.380 ± 0.002``; the mean alone for a single seed."""
+    if pd.isna(mean):
+        return "–"
+    d = _decimals(mean) if mean != 0 else _decimals(std)
+    if n <= 1 or pd.isna(std):
+        return f"{mean:.{d}f}"
+    return f"{mean:.{d}f} ± {std:.{d}f}"
+
+
+def short_table(spec: ShortTable, results: Path) -> str:
+    path = results / spec.csv
+    if not path.is_file():
+        raise PrepareError(
+            f"{path}: missing; the chapter's table is drawn from it. Run the sweep "
+            f"(python -m adaptive_sae.sweep papermill_runs/<sweep>.yaml) or restore it from git."
+        )
+    df = pd.read_csv(path)
+    needed = [*spec.index, *(f"{m}_{s}" for m in spec.metrics for s in ("mean", "std")), "n"]
+    if spec.pivot:
+        needed.append(spec.pivot)
+    missing = [c for c in needed if c not in df.columns]
+    if missing:
+        raise PrepareError(
+            f"{path}: no column {missing}; update the ShortTable {spec.name!r} in book/prepare.py "
+            f"to the summary's columns ({', '.join(df.columns)})."
+        )
+    for column, values in spec.keep.items():
+        df = df[df[column].isin(values)].copy()
+        df[column] = pd.Categorical(df[column], categories=values, ordered=True)
+    for metric in spec.metrics:
+        df[metric] = [
+            mean_std(m, s, n)
+            for m, s, n in zip(df[f"{metric}_mean"], df[f"{metric}_std"], df["n"], strict=True)
+        ]
+    if spec.pivot:
+        (metric,) = spec.metrics
+        df = df.pivot(index=list(spec.index), columns=spec.pivot, values=metric).reset_index()
+        df.columns = [str(c) for c in df.columns]
+        headers = list(spec.index.values()) + [str(c) for c in df.columns[len(spec.index) :]]
+    else:
+        df = df.sort_values(list(spec.keep), kind="stable") if spec.keep else df
+        df = df[[*spec.index, *spec.metrics]]
+        headers = [*spec.index.values(), *spec.metrics.values()]
+    rows = [" | ".join(str(v) for v in row) for row in df.itertuples(index=False)]
+    lines = [" | ".join(headers), " | ".join("---" for _ in headers), *rows]
+    return "\n".join(f"| {line} |" for line in lines) + "\n"
+
+
+RULES = ["topk", "mutual_choice", "feature_choice", "feature_choice_zipf"]
+
+SHORT_TABLES = [
+    ShortTable(
+        "allocation_mechanisms",
+        "allocation_mechanisms/allocation_mechanisms/summary.csv",
+        {"k": "k", "rule": "rule"},
+        {
+            "affinity_captured": "affinity captured",
+            "l0_std": "L0 std across tokens",
+            "l0_max": "largest L0",
+            "unused_features": "unused features",
+        },
+        keep={"k": [4, 8], "rule": RULES},
+    ),
+    ShortTable(
+        "sparsity_allocation",
+        "sparsity_allocation/sparsity_allocation/summary.csv",
+        {"input_scaling": "input scaling", "k": "k"},
+        {"nmse": "NMSE"},
+        pivot="rule",
+        keep={"input_scaling": ["per_token", "global"], "rule": RULES},
+    ),
+    ShortTable(
+        "zipf_density",
+        "zipf_density/zipf_density/summary.csv",
+        {"rule": "rule"},
+        {
+            "zipf_alpha": "α",
+            "zipf_r2": "R² (head)",
+            "tail_ratio_median": "tail density / law",
+            "underutilised_pct": "underutilised %",
+            "dead_pct": "dead %",
+        },
+        keep={"rule": ["ground_truth", "topk", "mutual_choice", "feature_choice_zipf"]},
+    ),
+    ShortTable(
+        "aux_zipf_dead",
+        "aux_zipf_ablation/aux_zipf_ablation/summary.csv",
+        {"rule": "dead % (held-out)"},
+        {"dead_pct": "dead %"},
+        pivot="aux_loss",
+        keep={"rule": [*RULES, "relu_l1"], "aux_loss": ["none", "aux_k", "aux_zipf"]},
+    ),
+    ShortTable(
+        "aux_zipf_underutilised",
+        "aux_zipf_ablation/aux_zipf_ablation/summary.csv",
+        {"rule": "underutilised % (held-out)"},
+        {"underutilised_pct": "underutilised %"},
+        pivot="aux_loss",
+        keep={"rule": [*RULES, "relu_l1"], "aux_loss": ["none", "aux_k", "aux_zipf"]},
+    ),
+    ShortTable(
+        "dead_features",
+        "dead_features/dead_features/summary.csv",
+        {"rule": "rule"},
+        {
+            "first_nmse": "NMSE, first checkpoint",
+            "final_nmse": "NMSE, end",
+            "peak_dead_pct_train_window": "peak dead % (training)",
+            "final_dead_pct": "dead %, end",
+            "final_effective_features_pct": "effective features %, end",
+        },
+        keep={"rule": RULES},
+    ),
+    ShortTable(
+        "adaptive_computation",
+        "adaptive_computation/adaptive_computation/summary.csv",
+        {"rule": "ρ(L0, true active features)"},
+        {"spearman": "Spearman ρ"},
+        pivot="input_scaling",
+        keep={"rule": RULES, "input_scaling": ["global", "per_token"]},
+    ),
+    ShortTable(
+        "inference_thresholds",
+        "inference_thresholds/inference_thresholds/summary.csv",
+        {"rule": "rule"},
+        {
+            "nmse": "NMSE, training rule",
+            "nmse_inference": "NMSE, thresholds",
+            "nmse_ratio": "ratio",
+            "l0_mean_inference": "L0, thresholds",
+        },
+        keep={"rule": RULES},
+    ),
+    ShortTable(
+        "cost_scaling",
+        "cost_scaling/cost_scaling/summary.csv",
+        {"rule": "step time (ms) at width F"},
+        {"step_ms": "step ms"},
+        pivot="n_features",
+        keep={"rule": [*RULES, "relu_l1"]},
+    ),
+]
+
+
+def write_tables(results: Path, out: Path, specs: list[ShortTable] = SHORT_TABLES) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for spec in specs:
+        path = out / f"{spec.name}.md"
+        path.write_text(short_table(spec, results), encoding="utf-8")
+        written.append(path)
+    return written
+
+
+def prepare(root: Path, out: Path) -> dict[str, list[str]]:
+    """Write the titled run pages and the short tables; returns the run titles by sweep."""
+    titles = titled_runs(root / "papermill_runs", out / "runs")
+    write_tables(root / "results", out / "tables")
+    return titles
+
+
+def main(argv: list[str] | None = None) -> int:
+    here = Path(__file__).resolve().parent
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", type=Path, default=here.parent, help="repository root")
+    parser.add_argument("--out", type=Path, default=None, help="default: <root>/book/_generated")
+    args = parser.parse_args(argv)
+    out = args.out or args.root / "book" / "_generated"
+    try:
+        titles = prepare(args.root, out)
+    except PrepareError as exc:
+        print(f"book/prepare.py: {exc}", file=sys.stderr)
+        return 2
+    pages = sum(len(t) for t in titles.values())
+    print(json.dumps({"run_pages": pages, "sweeps": sorted(titles)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,248 @@
+"""The book as a reader sees it: built offline with Jupyter Book v1 from the real chapters and the
+committed results, with executed notebooks stood in for by copies of the real notebooks carrying
+papermill's metadata (two points per sweep, so that titles could collide)."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+pytest.importorskip("jupyter_book")
+bs4 = pytest.importorskip("bs4")
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAPTERS = sorted(p.stem for p in (ROOT / "book" / "chapters").glob("*.md"))
+POINTS = {
+    "sparsity_allocation": (
+        "02_sparsity_allocation",
+        {"input_scaling=global__seeds=0-1-2": {"input_scaling": "global"}},
+        {"input_scaling=per_token__seeds=0-1-2": {"input_scaling": "per_token"}},
+    ),
+    "allocation_mechanisms": (
+        "01_allocation_mechanisms",
+        {"k=4__seeds=0-1-2": {"k": 4}},
+        {"k=8__seeds=0-1-2": {"k": 8}},
+    ),
+}
+WIDE_TABLE = "<table class='dataframe'><tr>" + "".join(
+    f"<th>metric_{i}_mean ± std</th>" for i in range(40)
+)
+
+
+def _prepare_module():
+    spec = importlib.util.spec_from_file_location("book_prepare", ROOT / "book" / "prepare.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+prepare = _prepare_module()
+
+
+def _executed_copy(notebook: str, dst: Path, parameters: dict) -> None:
+    """The real notebook as papermill leaves it: an injected-parameters cell and metadata,
+    and one wide DataFrame-like HTML output."""
+    nb = nbformat.read(ROOT / "notebooks" / f"{notebook}.ipynb", as_version=4)
+    injected = nbformat.v4.new_code_cell(
+        "\n".join(f"{k} = {v!r}" for k, v in parameters.items()),
+        metadata={"tags": ["injected-parameters"]},
+    )
+    at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+    nb.cells.insert(at + 1, injected)
+    table = nbformat.v4.new_code_cell("table")
+    table.outputs = [nbformat.v4.new_output("display_data", {"text/html": WIDE_TABLE})]
+    nb.cells.insert(at + 2, table)
+    nb.metadata["papermill"] = {"parameters": parameters, "output_path": dst.name}
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, dst)
+
+
+def _jupyter_book() -> str:
+    local = Path(sys.executable).parent / "jupyter-book"
+    found = str(local) if local.is_file() else shutil.which("jupyter-book")
+    if found is None:
+        pytest.skip("jupyter-book is not installed (pip install -e '.[book]')")
+    return found
+
+
+@pytest.fixture(scope="module")
+def html(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("repo")
+    shutil.copytree(
+        ROOT / "book", root / "book", ignore=shutil.ignore_patterns("_build", "_generated")
+    )
+    (root / "results").symlink_to(ROOT / "results", target_is_directory=True)
+    for sweep, (notebook, *points) in POINTS.items():
+        for point in points:
+            ((name, parameters),) = point.items()
+            _executed_copy(notebook, root / "papermill_runs" / sweep / f"{name}.ipynb", parameters)
+    subprocess.run(
+        [sys.executable, str(root / "book" / "prepare.py"), "--root", str(root)], check=True
+    )
+    build = subprocess.run(
+        [_jupyter_book(), "build", ".", "--config", "book/_config.yml", "--toc",
+         "book/_toc.yml", "--path-output", "out"],
+        cwd=root, capture_output=True, text=True,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    return root / "out" / "_build" / "html"
+
+
+def _soup(path: Path):
+    return bs4.BeautifulSoup(path.read_text(encoding="utf-8"), "html.parser")
+
+
+def _h1(soup):
+    """The page's own heading (a print-only copy of it comes first in the HTML)."""
+    return soup.select_one("article.bd-article h1")
+
+
+def _title(soup) -> str:
+    return _h1(soup).get_text(" ", strip=True).rstrip("#¶ ").strip()
+
+
+def test_run_pages_are_titled_by_their_parameters(html):
+    titles = {}
+    for sweep, (_, *points) in POINTS.items():
+        for point in points:
+            ((name, _),) = point.items()
+            page = html / "book" / "_generated" / "runs" / sweep / f"{name}.html"
+            titles[page] = _title(_soup(page))
+            assert prepare.point_parameters(name) in titles[page]
+            assert " — " in titles[page]
+    assert len(set(titles.values())) == len(titles), titles
+    assert "Sparsity allocation — input_scaling=per_token, seeds=0-1-2" in titles.values()
+
+
+def test_navigation_lists_no_title_twice(html):
+    nav = _soup(html / "book" / "chapters" / "sparsity_allocation.html").select("nav.bd-docs-nav a")
+    labels = [a.get_text(" ", strip=True) for a in nav]
+    assert len(labels) >= len(CHAPTERS) + 4
+    assert len(labels) == len(set(labels)), labels
+    assert "Sparsity allocation — input_scaling=global, seeds=0-1-2" in labels
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_chapter_leads_with_verdict_then_figure(html, chapter):
+    page = html / "book" / "chapters" / f"{chapter}.html"
+    h1 = _h1(_soup(page))
+    first, second = h1.find_next_siblings(True, limit=2)
+    assert "verdict" in first.get("class", []), f"{chapter}: first block is {first.name}"
+    assert first.select_one(".admonition-title").get_text(strip=True).startswith("Verdict")
+    assert second.name == "figure", f"{chapter}: second block is {second.name}"
+    src = second.find("img")["src"]
+    assert (page.parent / src).is_file(), f"{chapter}: figure {src} missing from the build"
+
+
+def _scroll_classes() -> set[str]:
+    """Single-class selectors that book.css gives ``overflow-x: auto``."""
+    css = (ROOT / "book" / "_static" / "book.css").read_text(encoding="utf-8")
+    css = re.sub(r"/\*.*?\*/", "", css, flags=re.S)
+    classes = set()
+    for selectors, body in re.findall(r"([^{}]+)\{([^}]*)\}", css):
+        if re.search(r"overflow-x:\s*auto", body):
+            classes |= {s.strip()[1:] for s in selectors.split(",") if re.fullmatch(r"\s*\.[\w-]+\s*", s)}  # fmt: skip
+    return classes
+
+
+def test_every_table_sits_in_a_scrolling_container(html):
+    scroll = _scroll_classes()
+    assert {"pst-scrollable-table-container", "output"} <= scroll
+    pages = sorted((html / "book").rglob("*.html"))
+    assert len(pages) == len(CHAPTERS) + 1 + 4  # chapters, introduction, run pages
+    n_tables = 0
+    for page in pages:
+        soup = _soup(page)
+        assert soup.find("link", href=re.compile(r"_static/book\.css")), f"{page.name}: no CSS"
+        for table in soup.find_all("table"):
+            n_tables += 1
+            boxes = {c for parent in table.parents for c in parent.get("class", [])}
+            assert boxes & scroll, f"{page.relative_to(html)}: a table outside a scroll box"
+    assert n_tables >= 2 * len(CHAPTERS)  # a short and a full table per chapter at least
+    assert (html / "_static" / "book.css").is_file()
+
+
+# --- the build step's parts ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mean", "std", "n", "text"),
+    [
+        (0.37994384, 0.0015223032, 3, "0.380 ± 0.002"),
+        (38.606771, 0.49152541, 3, "38.6 ± 0.5"),
+        (151.2, 26.1, 3, "151 ± 26"),
+        (0.0188, 0.0004, 3, "0.0188 ± 0.0004"),
+        (0.0, 0.0, 3, "0 ± 0"),
+        (1.01, float("nan"), 1, "1.01"),
+    ],
+)
+def test_mean_std_shows_three_significant_digits(mean, std, n, text):
+    assert prepare.mean_std(mean, std, n) == text
+
+
+def test_point_title_names_parameters_and_failure():
+    heading = "Sparsity allocation: who wins at equal sparsity?"
+    assert (
+        prepare.point_title(heading, "input_scaling=per_token__seeds=0-1-2")
+        == "Sparsity allocation — input_scaling=per_token, seeds=0-1-2"
+    )
+    assert prepare.point_title(heading, "k=4", failed=True).endswith("k=4 (failed)")
+
+
+def test_titled_copy_without_heading_gets_one(tmp_path):
+    src = tmp_path / "sweep" / "k=4.ipynb"
+    src.parent.mkdir()
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("1")]), src)
+    (src.parent / "k=4.failed.json").write_text("{}")
+    title = prepare.titled_copy(src, tmp_path / "out.ipynb", "dead_features")
+    assert title == "Dead features — k=4 (failed)"
+    first = nbformat.read(tmp_path / "out.ipynb", as_version=4).cells[0]
+    assert first.cell_type == "markdown" and first.source == f"# {title}"
+
+
+def test_titled_copy_keeps_the_question_under_the_new_title(tmp_path):
+    src = tmp_path / "k=8.ipynb"
+    nb = nbformat.v4.new_notebook(
+        cells=[nbformat.v4.new_markdown_cell("# Name: a question?\n\nText")]
+    )
+    nbformat.write(nb, src)
+    prepare.titled_copy(src, tmp_path / "out.ipynb", "s")
+    source = nbformat.read(tmp_path / "out.ipynb", as_version=4).cells[0].source
+    assert source.startswith("# Name — k=8\n\n*a question?* One point of the sweep")
+    assert source.endswith("\n\nText") and source.count("\n# ") == 0
+
+
+def test_unreadable_notebook_is_named(tmp_path):
+    src = tmp_path / "k=4.ipynb"
+    src.write_text("{not json")
+    with pytest.raises(prepare.PrepareError, match=r"k=4\.ipynb.*re-execute"):
+        prepare.titled_copy(src, tmp_path / "out.ipynb", "s")
+
+
+def test_short_table_names_a_missing_column_and_the_file(tmp_path):
+    (tmp_path / "summary.csv").write_text("rule,nmse_mean,nmse_std,n\ntopk,0.3,0.01,3\n")
+    spec = prepare.ShortTable("t", "summary.csv", {"rule": "rule"}, {"dead_pct": "dead %"})
+    with pytest.raises(prepare.PrepareError, match=r"summary\.csv.*dead_pct_mean"):
+        prepare.short_table(spec, tmp_path)
+    ok = prepare.ShortTable("t", "summary.csv", {"rule": "rule"}, {"nmse": "NMSE"})
+    assert (
+        prepare.short_table(ok, tmp_path)
+        == "| rule | NMSE |\n| --- | --- |\n| topk | 0.300 ± 0.010 |\n"
+    )
+
+
+def test_short_tables_read_every_committed_summary(tmp_path):
+    written = prepare.write_tables(ROOT / "results", tmp_path)
+    assert {p.stem for p in written} == {s.name for s in prepare.SHORT_TABLES}
+    for path in written:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        assert len(lines) >= 3 and len(lines) <= 10, path.name  # short: a screen at most
+        assert "nan" not in path.read_text(encoding="utf-8")

@@ -167,7 +167,9 @@ def grads_of(fn, params, seed=123):
     out = fn()
     out = (out,) if isinstance(out, Tensor) else tuple(out)
     g = torch.Generator().manual_seed(seed)
-    loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in out)
+    loss = sum(
+        (o * torch.randn(o.shape, generator=g, dtype=o.dtype).to(o.device)).sum() for o in out
+    )
     loss.backward()
     grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
     return [o.detach().clone() for o in out], grads

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -21,8 +22,72 @@ class ConfigError(ValueError):
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
+    if not isinstance(value, str) or value not in choices:
         raise ConfigError(f"{name}={value!r} is not known; choose one of {list(choices)}.")
+
+
+def _scalar(value: Any) -> Any:
+    """numpy and torch scalars (and 0-d arrays) as the Python number they hold."""
+    if not isinstance(value, (bool, int, float, str)) and getattr(value, "ndim", None) == 0:
+        return value.item()
+    return value
+
+
+def _spelled(name: str, value: Any, kind: str) -> str:
+    """The 'not a string / not a bool' part of an error, with how to write the value."""
+    if isinstance(value, str):
+        return f"{name}={value!r} is a string; pass {kind} (write {name}={value}, unquoted)"
+    if isinstance(value, bool):
+        return f"{name}={value!r} is a bool; pass {kind}"
+    return f"{name}={value!r} ({type(value).__name__}) must be {kind}"
+
+
+def _integer(name: str, value: Any, minimum: int, why: str = "") -> int:
+    """An int (numpy ints and integral floats such as 8.0 accepted and converted) >= minimum."""
+    value = _scalar(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(_spelled(name, value, "an integer") + ".")
+    if not math.isfinite(value) or int(value) != value:
+        raise ConfigError(f"{name}={value!r} must be a whole number; round it.")
+    if value < minimum:
+        raise ConfigError(f"{name}={value!r} must be >= {minimum}{why}.")
+    return int(value)
+
+
+def _real(
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    why: str = "",
+) -> int | float:
+    """A finite number (numpy numbers accepted and converted) inside the given range."""
+    value = _scalar(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(_spelled(name, value, "a number") + ".")
+    value = int(value) if isinstance(value, numbers.Integral) else float(value)
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if not math.isfinite(value) or too_low or too_high:
+        lo = "" if low is None else ("(" if low_open else "[") + f"{low}, "
+        hi = "" if high is None else f"{high}" + (")" if high_open else "]")
+        if low is None:
+            span = f"a finite number <= {high}"
+        elif high is None:
+            span = f"a finite number {'>' if low_open else '>='} {low}"
+        else:
+            span = f"in {lo}{hi}"
+        raise ConfigError(f"{name}={value!r} must be {span}{why}.")
+    return value
+
+
+def _boolean(name: str, value: Any) -> bool:
+    value = _scalar(value)
+    if not isinstance(value, bool):
+        raise ConfigError(_spelled(name, value, "True or False") + ".")
+    return value
 
 
 class _JsonMixin:
@@ -87,23 +152,19 @@ class SAEConfig(_JsonMixin):
         _check_choice("input_scaling", self.input_scaling, ("global", "per_token", "none"))
         _check_choice("capacity_ranking", self.capacity_ranking, ("fixed", "demand"))
         _check_choice("b_dec_init", self.b_dec_init, ("geometric_median", "mean", "zeros"))
-        if int(self.d_in) <= 0 or int(self.d_in) != self.d_in:
-            raise ConfigError(f"d_in={self.d_in} must be a positive integer.")
-        if int(self.n_features) <= 0 or int(self.n_features) != self.n_features:
-            raise ConfigError(f"n_features={self.n_features} must be a positive integer.")
-        if not (isinstance(self.k, (int, float)) and math.isfinite(self.k)) or self.k <= 0:
-            raise ConfigError(f"k={self.k} must be a positive number of matches per token.")
+        self.d_in = _integer("d_in", self.d_in, 1)
+        self.n_features = _integer("n_features", self.n_features, 1)
+        self.k = _real("k", self.k, 0, low_open=True, why=" (matches per token)")
         if self.k > self.n_features:
             raise ConfigError(
                 f"k={self.k} exceeds n_features={self.n_features}: a token cannot match more "
                 f"features than exist; lower k or raise n_features."
             )
-        if self.zipf_alpha < 0 or not math.isfinite(self.zipf_alpha):
-            raise ConfigError(f"zipf_alpha={self.zipf_alpha} must be finite and >= 0.")
-        if self.zipf_beta < 0 or not math.isfinite(self.zipf_beta):
-            raise ConfigError(f"zipf_beta={self.zipf_beta} must be finite and >= 0.")
-        if not 0.0 <= self.threshold_momentum < 1.0:
-            raise ConfigError(f"threshold_momentum={self.threshold_momentum} must be in [0, 1).")
+        self.zipf_alpha = _real("zipf_alpha", self.zipf_alpha, 0)
+        self.zipf_beta = _real("zipf_beta", self.zipf_beta, 0)
+        self.threshold_momentum = _real(
+            "threshold_momentum", self.threshold_momentum, 0, 1, high_open=True
+        )
         from .rules import get_rule  # the rules import this module
 
         get_rule(self.rule).check(self)
@@ -174,45 +235,81 @@ class TrainConfig(_JsonMixin):
     """Run the SAE forward in bfloat16 autocast (GPU); weights and optimiser stay fp32."""
 
     def __post_init__(self) -> None:
-        self.adam_betas = tuple(self.adam_betas)  # JSON gives a list
         _check_choice("aux_loss", self.aux_loss, AUX_LOSSES)
         _check_choice("aux_allocation", self.aux_allocation, ("deficit", "topk"))
-        if int(self.batch_size) != self.batch_size or self.batch_size < 1:
-            raise ConfigError(f"batch_size={self.batch_size} must be a positive integer.")
+        # NMSE divides by the variance of the batch around its mean: zero for one token
+        self.batch_size = _integer(
+            "batch_size", self.batch_size, 2, " (the NMSE of one token has no variance)"
+        )
+        self.total_tokens = _integer("total_tokens", self.total_tokens, 1)
         if self.total_tokens < self.batch_size:
             raise ConfigError(
                 f"total_tokens={self.total_tokens} is less than one batch "
                 f"(batch_size={self.batch_size}); raise total_tokens."
             )
-        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"lr={self.lr} must be a positive finite number (or None).")
+        if self.lr is not None:
+            self.lr = _real("lr", self.lr, 0, low_open=True, why=" (or None for the default)")
+        betas = _scalar(self.adam_betas)
+        if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or len(betas) != 2:
+            raise ConfigError(f"adam_betas={betas!r} must be two numbers, e.g. (0.9, 0.999).")
+        self.adam_betas = tuple(  # JSON gives a list
+            float(_real(f"adam_betas[{i}]", b, 0, 1, high_open=True)) for i, b in enumerate(betas)
+        )
         for name in ("warmup_fraction", "decay_fraction"):
-            v = getattr(self, name)
-            if not 0.0 <= v <= 1.0:
-                raise ConfigError(f"{name}={v} must be in [0, 1].")
+            setattr(self, name, _real(name, getattr(self, name), 0, 1))
         if self.warmup_fraction + self.decay_fraction > 1.0:
             raise ConfigError(
                 f"warmup_fraction + decay_fraction = "
                 f"{self.warmup_fraction + self.decay_fraction} > 1; lower one of them."
             )
-        if not 0.0 < self.gamma <= 1.0:
-            raise ConfigError(f"gamma={self.gamma} must be in (0, 1].")
-        if self.aux_coef < 0:
-            raise ConfigError(f"aux_coef={self.aux_coef} must be >= 0.")
-        if self.k_aux is not None and self.k_aux < 1:
-            raise ConfigError(f"k_aux={self.k_aux} must be >= 1 (or None for min(512, d/2)).")
+        self.grad_clip = _real("grad_clip", self.grad_clip, why=" (0 disables clipping)")
+        self.aux_coef = _real("aux_coef", self.aux_coef, 0)
+        if self.k_aux is not None:
+            self.k_aux = _integer("k_aux", self.k_aux, 1, " (or None for min(512, d_in // 2))")
         for name in ("dead_window_tokens", "density_window_tokens", "init_sample_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1.")
-        for name in ("log_every", "zipf_refit_every", "demand_rerank_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1.")
-        if not 0.0 < self.zipf_head_fraction <= 1.0:
-            raise ConfigError(f"zipf_head_fraction={self.zipf_head_fraction} must be in (0, 1].")
+            setattr(self, name, _integer(name, getattr(self, name), 1))
+        self.gamma = _real("gamma", self.gamma, 0, 1, low_open=True)
+        self.zipf_head_fraction = _real(
+            "zipf_head_fraction", self.zipf_head_fraction, 0, 1, low_open=True
+        )
+        for name in ("zipf_refit_every", "demand_rerank_every", "log_every"):
+            setattr(self, name, _integer(name, getattr(self, name), 1))
+        self.l1_coefficient = _real("l1_coefficient", self.l1_coefficient, 0)
+        self.l1_adapt_rate = _real(
+            "l1_adapt_rate", self.l1_adapt_rate, 0, why=" (0 keeps it fixed)"
+        )
+        self.seed = _integer("seed", self.seed, 0)
+        if self.seed >= 2**63:
+            raise ConfigError(f"seed={self.seed} must be < 2**63 (a torch seed).")
+        self.checkpoint_every = _integer(
+            "checkpoint_every", self.checkpoint_every, 0, " (0: only at the end)"
+        )
+        self.keep_checkpoints = _integer(
+            "keep_checkpoints",
+            self.keep_checkpoints,
+            1,
+            " (at least the newest checkpoint stays; checkpoint_dir=None writes none)",
+        )
+        self.device = _device(self.device)
+        self.autocast_bf16 = _boolean("autocast_bf16", self.autocast_bf16)
 
     @property
     def n_steps(self) -> int:
         return self.total_tokens // self.batch_size
+
+
+def _device(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(_spelled("device", value, "a device name such as 'cpu' or 'cuda:0'"))
+    import torch
+
+    try:
+        torch.device(value)
+    except (RuntimeError, ValueError):
+        raise ConfigError(
+            f"device={value!r} is not a torch device; use 'cpu', 'cuda' or 'cuda:<index>'."
+        ) from None
+    return value
 
 
 def resolve_lr(tcfg: TrainConfig, n_features: int) -> float:

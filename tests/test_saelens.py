@@ -223,7 +223,11 @@ def test_export_reimports_as_the_same_sae(rule, scaling, tmp_path):
 
 def test_global_scale_is_folded_into_the_weights(tmp_path):
     sae = _random("topk", "global", seed=8)
-    saelens.save_saelens(sae, tmp_path / "sl")
+    saelens.save_saelens(
+        sae, tmp_path / "sl", hook_name="blocks.1.hook_resid_pre", metadata={"context_size": 128}
+    )
+    meta = json.loads((tmp_path / "sl" / "cfg.json").read_text())["metadata"]
+    assert meta["hook_name"] == "blocks.1.hook_resid_pre" and meta["context_size"] == 128
     w = load_file(str(tmp_path / "sl" / "sae_weights.safetensors"))
     s = float(sae.input_scale)
     assert torch.allclose(w["W_enc"], sae.W_enc * s)

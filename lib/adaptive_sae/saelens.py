@@ -76,12 +76,13 @@ def save_saelens(
     feature_density: Tensor | None = None,
     hook_name: str | None = None,
     model_name: str | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``sae`` as a SAELens 6.x folder that ``sae_lens.SAE.load_from_disk`` reads.
 
     ``feature_density`` (F,) firing frequencies, if given, go to ``sparsity.safetensors`` as
-    SAELens keeps them (log10(density + 1e-10)). ``hook_name`` / ``model_name`` fill SAELens's
-    metadata. The folder is written beside the target and renamed into place, so a reader never
+    SAELens keeps them (log10(density + 1e-10)). ``hook_name``, ``model_name`` and ``metadata``
+    (e.g. context_size, prepend_bos) fill SAELens's metadata, which tools such as SAEBench read. The folder is written beside the target and renamed into place, so a reader never
     sees half of it; an existing folder is replaced only if it holds nothing but these files.
     """
     cfg: SAEConfig = sae.cfg
@@ -124,6 +125,7 @@ def save_saelens(
             "sae_lens_training_version": None,
             "hook_name": hook_name,
             "model_name": model_name,
+            **(metadata or {}),
             SUITE_KEY: {"config": cfg.to_dict(), "input_scale": s},
         },
     }

@@ -75,7 +75,7 @@ def titled_copy(src: Path, dst: Path, sweep: str) -> str:
         heading = match.group(1)
         title = point_title(heading, point, failed)
         question = heading.split(":", 1)[1].strip() if ":" in heading else ""
-        lead = f"*{question}* " if question else ""
+        lead = f"**{question[:1].upper()}{question[1:]}** " if question else ""
         where = (
             f"{lead}One point of the sweep `papermill_runs/{sweep}.yaml`, executed with "
             f"`{point_parameters(point)}`."
@@ -179,10 +179,25 @@ def short_table(spec: ShortTable, results: Path) -> str:
         df = df.sort_values(list(spec.keep), kind="stable") if spec.keep else df
         df = df[[*spec.index, *spec.metrics]]
         headers = [*spec.index.values(), *spec.metrics.values()]
-    rows = [" | ".join(str(v) for v in row) for row in df.itertuples(index=False)]
+    headers = [LABELS.get(h, h) for h in headers]
+    rows = [
+        " | ".join(LABELS.get(str(v), str(v)) for v in row) for row in df.itertuples(index=False)
+    ]
     lines = [" | ".join(headers), " | ".join("---" for _ in headers), *rows]
     return "\n".join(f"| {line} |" for line in lines) + "\n"
 
+
+LABELS = {
+    "topk": "TopK",
+    "batch_topk": "BatchTopK",
+    "mutual_choice": "Mutual Choice",
+    "feature_choice": "Feature Choice",
+    "feature_choice_zipf": "Feature Choice (Zipf)",
+    "relu_l1": "ReLU + L1",
+    "ground_truth": "ground truth",
+    "per_token": "per-token",
+}
+"""How the tables spell the rules (and the other values they show) for a reader."""
 
 RULES = ["topk", "mutual_choice", "feature_choice", "feature_choice_zipf"]
 

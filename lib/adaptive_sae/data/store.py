@@ -31,7 +31,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..io import CACHE_ENV, atomic_write_bytes, cache_root, save_npy, write_json
+from ..io import (
+    CACHE_ENV,
+    FileFormatError,
+    atomic_write_bytes,
+    cache_root,
+    read_json,
+    save_npy,
+    write_json,
+)
 
 HarvestFn = Callable[[torch.Tensor], torch.Tensor]
 """Maps contexts (n, T) of token ids to activations (n, T, d)."""
@@ -48,6 +56,41 @@ def short_hash(obj: Any, n: int = 16) -> str:
 def atomic_write_json(path: Path, obj: Any) -> Path:
     """Write ``obj`` as JSON atomically (see adaptive_sae.io)."""
     return write_json(path, obj)
+
+
+def open_cache(path: Path, d_in: int) -> tuple[np.ndarray, dict]:
+    """The cached (n, d_in) float32 array at ``path`` (memory-mapped) and its JSON sidecar;
+    FileFormatError naming the file, what is wrong and the fix for anything else."""
+    sidecar = path.with_suffix(".json")
+    fix = f"delete {path} and {sidecar.name} to harvest the activations again."
+
+    def bad(what: str) -> FileFormatError:
+        return FileFormatError(f"activation cache {path} {what}; {fix}")
+
+    if not sidecar.is_file():
+        raise bad(f"has no {sidecar.name} beside it (an interrupted build, or a foreign file)")
+    meta = read_json(sidecar, fix)
+    with open(path, "rb") as fh:
+        try:
+            version = np.lib.format.read_magic(fh)
+            read_header = getattr(np.lib.format, f"read_array_header_{version[0]}_0")
+            shape, fortran, dtype = read_header(fh)
+        except (ValueError, AttributeError, EOFError) as e:
+            raise bad(f"is not a .npy array ({e})") from None
+        offset = fh.tell()
+    if dtype.hasobject:
+        raise bad("holds Python objects (dtype object), not float32 activations")
+    if dtype != np.float32:
+        raise bad(f"has dtype {dtype}, expected float32")
+    if len(shape) != 2 or shape[1] != d_in or fortran:
+        raise bad(f"has shape {shape}, expected (n, {d_in})")
+    expected = offset + shape[0] * shape[1] * dtype.itemsize
+    size = path.stat().st_size
+    if size < expected:
+        raise bad(f"is truncated ({size} of {expected} bytes)")
+    if isinstance(meta, dict) and meta.get("n_vectors") not in (None, shape[0]):
+        raise bad(f"holds {shape[0]} vectors but {sidecar.name} records {meta['n_vectors']}")
+    return np.load(path, mmap_mode="r"), meta if isinstance(meta, dict) else {}
 
 
 @dataclass
@@ -248,14 +291,7 @@ class ActivationStore:
             path = self.cache_path()
             if not path.is_file():
                 self.build_cache()
-            self._cache = np.load(path, mmap_mode="r")
-            meta_path = path.with_suffix(".json")
-            self._cache_meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-            if self._cache.ndim != 2 or self._cache.shape[1] != self.d_in:
-                raise RuntimeError(
-                    f"activation cache {path} has shape {self._cache.shape}, expected "
-                    f"(n, {self.d_in}); delete it to harvest again."
-                )
+            self._cache, self._cache_meta = open_cache(path, self.d_in)
         return self._cache
 
     def describe(self) -> dict:

@@ -255,6 +255,9 @@ def test_bad_inputs_name_the_problem(built, tmp_path):
         _source(built, model=str(tmp_path / "missing" / "model"))
     with pytest.raises(ConfigError, match="does not exist"):
         _source(built, dataset=str(tmp_path / "missing" / "texts"))
+    for name in ("missing_texts/", "notes.txt", "rows.jsonl"):  # paths, not Hub names
+        with pytest.raises(ConfigError, match="does not exist"):
+            _source(built, dataset=name)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="holds no file"):
         _source(built, dataset=str(tmp_path / "empty"))

@@ -148,7 +148,12 @@ def cached_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
 
 
 def _looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+    return (
+        name.startswith((".", "/", "~"))
+        or name.endswith("/")
+        or name.count("/") > 1
+        or "\\" in name
+    )
 
 
 def in_held_out(text: str, fraction: float = 0.01) -> bool:
@@ -184,7 +189,10 @@ def check_available(
     else:
         model_where = None
     local_data = Path(dataset).expanduser().exists()
-    if not local_data and (_looks_like_path(dataset) or Path(dataset).suffix in TEXT_SUFFIXES):
+    suffix = Path(dataset).suffix.lower()
+    if not local_data and (
+        _looks_like_path(dataset) or suffix in {**TEXT_SUFFIXES, **TABLE_SUFFIXES}
+    ):
         raise ConfigError(
             f"dataset {dataset!r} does not exist; pass a text file, a folder of .txt/.jsonl/"
             f".csv/.parquet files, or a Hugging Face Hub dataset name."

@@ -71,8 +71,10 @@ def aux_selection(
     allocation: Allocation,
     k_aux: int | None = None,
     deficits: Tensor | None = None,
+    comm=None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The auxiliary selection restricted to the features of ``feature_mask``.
+    """The auxiliary selection restricted to the features of ``feature_mask`` (under data
+    parallelism, ``comm``: the deficit allocation chooses over all ranks' tokens).
 
     Returns (feats (n,), P_sub = P[:, feats] (B, n), flat indices into P_sub)."""
     B = P.shape[0]
@@ -85,7 +87,14 @@ def aux_selection(
     elif allocation == "deficit":
         if deficits is None:
             raise ValueError("deficit allocation needs `deficits` (γ·ρ* − ρ per feature).")
-        local = select_feature_choice(P_sub, deficit_capacities(deficits[feats], B))
+        world = 1 if comm is None else comm.world
+        caps = deficit_capacities(deficits[feats], B * world)
+        if world == 1:
+            local = select_feature_choice(P_sub, caps)
+        else:
+            from .distributed import select_columns_global
+
+            local = select_columns_global(P_sub.contiguous(), caps, comm)
     else:
         raise ValueError(f"allocation={allocation!r} is not known; use 'deficit' or 'topk'.")
     return feats, P_sub, local
@@ -101,22 +110,26 @@ def aux_loss(
     k_aux: int | None = None,
     deficits: Tensor | None = None,
     density_threshold: float | None = None,
+    comm=None,
 ) -> Tensor:
     """Normalised error of reconstructing the detached residual from the masked features.
 
     ``x_s`` (B, d) scaled inputs and ``P`` (B, F) their affinities (no grad needed: the gradient
-    reaches W_enc, b_enc and b_dec through the kernel's own backward, W_dec through ê)."""
+    reaches W_enc, b_enc and b_dec through the kernel's own backward, W_dec through ê). Under
+    data parallelism (``comm``) the normaliser is over all ranks' residuals, so the losses of
+    the ranks add up to the loss of the global batch."""
     if feature_mask.dtype != torch.bool or feature_mask.shape != (P.shape[1],):
         raise ValueError(
             f"feature_mask must be a bool tensor of shape ({P.shape[1]},), got "
             f"{feature_mask.dtype} {tuple(feature_mask.shape)}."
         )
-    if not bool(feature_mask.any()):
+    world = 1 if comm is None else comm.world
+    if not bool(feature_mask.any()):  # the mask is the same on every rank
         return x_s.new_zeros(())
     B, F = P.shape
     e = residual.detach()
     P = P.detach()
-    feats, P_sub, local = aux_selection(P, feature_mask, allocation, k_aux, deficits)
+    feats, P_sub, local = aux_selection(P, feature_mask, allocation, k_aux, deficits, comm)
     n = feats.numel()
     if density_threshold is None:
         density_threshold = DENSE_SUBSET_DENSITY.get(P.device.type, 0.15)
@@ -130,6 +143,10 @@ def aux_loss(
         flat = r * F + feats[local - r * n]
         e_hat = sparse_reconstruct(x_s, *params, flat, P, False).x_hat
     e = e.to(e_hat.dtype)
+    if world > 1:
+        from .distributed import global_variance
+
+        return (e - e_hat).pow(2).sum() / global_variance(e, comm).clamp_min(_EPS)
     return (e - e_hat).pow(2).sum() / (e - e.mean(0, keepdim=True)).pow(2).sum().clamp_min(_EPS)
 
 

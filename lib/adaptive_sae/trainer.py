@@ -25,12 +25,14 @@ from torch import Tensor
 
 from . import checkpoints, losses
 from .config import (
+    ConfigError,
     SAEConfig,
     TrainConfig,
     check_compatible,
     resolve_k_aux,
     resolve_lr,
 )
+from .distributed import current_comm, global_variance
 from .rules import get_rule
 from .sae import SparseAutoencoder
 from .sparse_ops import Workspace, affinities, sparse_reconstruct, values_at
@@ -164,10 +166,18 @@ class Trainer:
         self.rows: list[dict[str, float]] = []
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self._ws = Workspace()  # the B×F affinities reused across steps
+        # data parallel when launched in a process group (torchrun); one process otherwise
+        self.comm = current_comm()
+        if tcfg.batch_size % self.comm.world:
+            raise ConfigError(
+                f"batch_size={tcfg.batch_size} is the global batch and must split evenly over "
+                f"{self.comm.world} processes; use a multiple of {self.comm.world}."
+            )
+        self.local_batch_size = tcfg.batch_size // self.comm.world
 
     # -- state --
     def save_checkpoint(self) -> Path | None:
-        if self.checkpoint_dir is None:
+        if self.checkpoint_dir is None or self.comm.rank != 0:  # rank 0 writes for all
             return None
         state = {"rule_state": self.rule_state, "rows": self.rows}
         return checkpoints.save_checkpoint(
@@ -196,6 +206,8 @@ class Trainer:
     def init_from_data(self, sample: Tensor) -> None:
         """Input scale and b_dec from a sample (N, d) of raw activations (before step 0)."""
         sample = sample.to(self.device, torch.float32)
+        if self.comm.world > 1:  # every rank initialises from the same (whole) sample
+            sample = self.comm.gather_fixed(sample).reshape(-1, sample.shape[-1])
         if not bool(torch.isfinite(sample).all()):
             raise NonFiniteError(
                 "the first batches hold non-finite activations; clean the data (e.g. drop "
@@ -211,12 +223,12 @@ class Trainer:
         sae = self.sae
         if self.rule.sparse:
             P = affinities(x_s, sae.W_enc, sae.b_enc, sae.b_dec, self._ws)
-            idx = self.rule.select(sae, P, self._ws)
+            idx = self.rule.select_global(sae, P, self._ws, self.comm)
             x_hat = sparse_reconstruct(x_s, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, idx, P)
             return x_hat.x_hat, P, idx, None
         P_grad = sae.pre_acts(x_s)
         P = P_grad.detach()
-        idx = self.rule.select(sae, P, self._ws)
+        idx = self.rule.select_global(sae, P, self._ws, self.comm)
         mask = torch.zeros(P.numel(), dtype=torch.bool, device=P.device)
         mask[idx] = True
         codes = P_grad.relu() * mask.view(P.shape)
@@ -230,7 +242,9 @@ class Trainer:
             mask, alloc, deficits = stats.dead_mask, "topk", None
         else:
             mask, alloc, deficits = stats.underutilised_mask, tcfg.aux_allocation, stats.deficits
-        return losses.aux_loss(e, x_s, P, self.sae, mask, alloc, self.k_aux, deficits)
+        return losses.aux_loss(
+            e, x_s, P, self.sae, mask, alloc, self.k_aux, deficits, comm=self.comm
+        )
 
     def _fail(self, step: int, what: str) -> None:
         where = self.save_checkpoint()
@@ -245,12 +259,14 @@ class Trainer:
         )
 
     def step(self, x: Tensor) -> dict[str, float] | None:
-        """One optimiser step on a batch x (B, d) of raw activations. Returns the history row
-        on logged steps (every ``log_every`` and the last), else None."""
-        cfg, tcfg, sae, stats = self.cfg, self.tcfg, self.sae, self.stats
-        step, B = self.steps_done, tcfg.batch_size
-        x = _checked(x, step, B, cfg.d_in).to(self.device, torch.float32)
-        if not bool(torch.isfinite(x).all()):
+        """One optimiser step on a batch x (B, d) of raw activations (under data parallelism,
+        this rank's (B/W, d) share of the global batch). Returns the history row on logged
+        steps (every ``log_every`` and the last), else None."""
+        cfg, tcfg, sae, stats, comm = self.cfg, self.tcfg, self.sae, self.stats, self.comm
+        step, B, B_l = self.steps_done, tcfg.batch_size, self.local_batch_size
+        x = _checked(x, step, B_l, cfg.d_in).to(self.device, torch.float32)
+        bad = (~torch.isfinite(x)).any().double().reshape(1)
+        if comm.sum_(bad).item() > 0:
             self._fail(step, "the batch holds non-finite activations")
         lr = lr_at(step, tcfg.n_steps, self.base_lr, tcfg.warmup_fraction, tcfg.decay_fraction)
         for group in self.opt.param_groups:
@@ -259,16 +275,21 @@ class Trainer:
         with torch.autocast(self.device.type, torch.bfloat16, enabled=tcfg.autocast_bf16):
             x_hat, P, idx, codes = self._forward(x_s)
             x_hat = x_hat.float()
-            recon = losses.normalized_mse(x_s, x_hat)
+            if comm.world == 1:
+                recon = losses.normalized_mse(x_s, x_hat)
+            else:  # this rank's share of the global NMSE: summed over ranks it is the NMSE
+                recon = (x_s - x_hat).pow(2).sum() / global_variance(x_s, comm).clamp_min(1e-12)
             aux = self._aux(x_s - x_hat, P, x_s)
             loss = recon + tcfg.aux_coef * aux
             penalty = self.rule.penalty(sae, codes, self.rule_state) if codes is not None else None
             if penalty is not None:
-                loss = loss + penalty
-        if not bool(torch.isfinite(loss)):
+                loss = loss + penalty / comm.world  # a mean over the global batch
+        if comm.world == 1 and not bool(torch.isfinite(loss)):
             self._fail(step, f"the loss is {loss.item()}")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if comm.world > 1:
+            self._all_reduce_grads()
         sae.remove_parallel_grad()
         params = list(sae.parameters())
         if tcfg.grad_clip > 0:
@@ -284,31 +305,60 @@ class Trainer:
         with torch.no_grad():
             F = cfg.n_features
             matched = idx[values_at(P, idx) > 0]
-            stats.update(torch.bincount(matched % F, minlength=F), B)
-            self.rule.observe(sae, P, idx, stats, step, tcfg)
+            stats.update(comm.sum_(torch.bincount(matched % F, minlength=F)), B)
+            self.rule.observe(sae, P, idx, stats, step, tcfg, comm=comm)
             if (step + 1) % tcfg.zipf_refit_every == 0 or step == 0:
                 stats.refit()
             else:  # between refits, features that just died join the underutilised set
                 stats.underutilised_mask |= stats.dead_mask
-            self.rule.after_step(self.rule_state, matched.numel(), B, cfg, tcfg)
+            n_matched = matched.numel()
+            if comm.world > 1:
+                n_matched = int(comm.sum_(torch.tensor([n_matched], device=P.device)).item())
+            self.rule.after_step(self.rule_state, n_matched, B, cfg, tcfg)
         self.steps_done += 1
         if self.steps_done % tcfg.log_every and self.steps_done != tcfg.n_steps:
             return None
-        l0_tok = torch.bincount(matched // F, minlength=B).float()
+        l0_tok = torch.bincount(matched // F, minlength=B_l).double()
+        sums = torch.tensor(
+            [loss.item(), recon.item(), float(aux.detach()), l0_tok.sum(), l0_tok.pow(2).sum()],
+            dtype=torch.float64,
+            device=self.device,
+        )
+        if comm.world > 1:  # loss and NMSE are shares of the global ones; aux likewise
+            sums = comm.sum_(sums)
+        l0_mean = float(sums[3] / B)
+        l0_var = max(0.0, float(sums[4] - B * l0_mean**2) / max(1, B - 1))
         row = {
             "step": self.steps_done,
             "tokens": self.steps_done * B,
             "lr": lr,
-            "loss": loss.item(),
-            "nmse": recon.item(),
-            "aux_loss": float(aux.detach()),
+            "loss": float(sums[0]),
+            "nmse": float(sums[1]),
+            "aux_loss": float(sums[2]) / (1 if comm.world == 1 else comm.world),
             **self.rule_state,
-            "l0_mean": l0_tok.mean().item(),
-            "l0_std": l0_tok.std().item(),
+            "l0_mean": l0_mean,
+            "l0_std": math.sqrt(l0_var),
             **stats.summary(),
         }
         self.rows.append(row)
         return row
+
+    def _all_reduce_grads(self) -> None:
+        """Sum the gradients over ranks in one flat buffer."""
+        grads = [p.grad for p in self.sae.parameters() if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        self.comm.sum_(flat)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def _shard(self, batch: Tensor) -> Tensor:
+        """This rank's share of a global batch (all of it in one process)."""
+        if self.comm.world == 1:
+            return batch
+        r, b = self.comm.rank, self.local_batch_size
+        return batch[r * b : (r + 1) * b]
 
     def fit(
         self,
@@ -326,7 +376,7 @@ class Trainer:
         if not resume:
             n_init = max(1, math.ceil(tcfg.init_sample_tokens / B))
             head = [_checked(b, i, B, d) for i, b in zip(range(n_init), stream)]
-            self.init_from_data(torch.cat(head))
+            self.init_from_data(torch.cat([self._shard(b) for b in head]))
             stream = itertools.chain(head, stream)
         bar = None
         if progress:
@@ -344,7 +394,7 @@ class Trainer:
                     f"the data ran out after {step} batches but total_tokens asks for "
                     f"{tcfg.n_steps}; pass more data or lower total_tokens."
                 ) from None
-            row = self.step(batch)
+            row = self.step(self._shard(_checked(batch, step, B, d)))
             if every and self.steps_done % every == 0 and self.steps_done < tcfg.n_steps:
                 self.save_checkpoint()
             if bar is not None:

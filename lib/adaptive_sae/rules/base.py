@@ -63,6 +63,16 @@ class AllocationRule:
         """Flat indices b·F + f (ascending, int64) of the matches in the affinities P (B, F)."""
         raise NotImplementedError
 
+    def select_global(self, sae: SparseAutoencoder, P: Tensor, ws, comm) -> Tensor:
+        """Data-parallel selection: this rank's matches of the rule applied to all ranks'
+        tokens together (``adaptive_sae.distributed``); P is this rank's (B/W, F) block."""
+        if comm.world == 1 or not self.batch_level:
+            return self.select(sae, P, ws)
+        raise ConfigError(
+            f"rule {self.name!r} depends on the whole batch but has no data-parallel selection; "
+            f"implement select_global (see adaptive_sae.distributed) or train in one process."
+        )
+
     @torch.no_grad()
     def observe(
         self,
@@ -72,8 +82,10 @@ class AllocationRule:
         stats: FeatureStats,
         step: int,
         tcfg: TrainConfig,
+        comm=None,
     ) -> None:
-        """Update the rule's state from one training batch (after the optimiser step)."""
+        """Update the rule's state from one training batch (after the optimiser step). Under
+        data parallelism ``comm`` reduces over ranks (``distributed.LocalComm`` otherwise)."""
 
     # ----- the rule's own loss term and its controller (ReLU+L1) -------------------------------
     def init_train_state(self, tcfg: TrainConfig) -> dict[str, float]:

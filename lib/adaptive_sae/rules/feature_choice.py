@@ -216,16 +216,30 @@ class FeatureChoice(AllocationRule):
     def select(self, sae, P, ws=None) -> Tensor:
         return select_feature_choice(P, self.capacities(sae, P.shape[0]), ws)
 
+    def select_global(self, sae, P, ws, comm) -> Tensor:
+        if comm.world == 1:
+            return self.select(sae, P, ws)
+        from ..distributed import select_columns_global
+
+        caps = self.capacities(sae, P.shape[0] * comm.world)
+        return select_columns_global(P, caps, comm, ws)
+
     @torch.no_grad()
-    def observe(self, sae, P, idx, stats, step, tcfg) -> None:
+    def observe(self, sae, P, idx, stats, step, tcfg, comm=None) -> None:
         F = P.shape[1]
-        col_min = torch.full((F,), float("inf"), device=P.device, dtype=P.dtype)
-        col_min.scatter_reduce_(0, idx % F, values_at(P, idx), reduce="amin")
+        col_min = torch.full((F,), float("inf"), device=P.device, dtype=torch.float32)
+        col_min.scatter_reduce_(0, idx % F, values_at(P, idx).float(), reduce="amin")
+        world = 1 if comm is None else comm.world
+        if comm is not None:
+            col_min = comm.min_(col_min)
         ema_thresholds(sae, col_min, torch.isfinite(col_min))
         cfg = sae.cfg
         if self.zipf and cfg.capacity_ranking == "demand":
             top = P.topk(max(1, math.ceil(cfg.k)), dim=1).indices.reshape(-1)
-            stats.update_demand(torch.bincount(top, minlength=F), P.shape[0])
+            counts = torch.bincount(top, minlength=F)
+            if comm is not None:
+                counts = comm.sum_(counts)
+            stats.update_demand(counts, P.shape[0] * world)
             if (step + 1) % tcfg.demand_rerank_every == 0:
                 sae.capacity_order.copy_(torch.argsort(-stats.demand, stable=True))
 

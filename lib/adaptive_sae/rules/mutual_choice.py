@@ -90,10 +90,20 @@ class MutualChoice(AllocationRule):
     def select(self, sae, P, ws=None) -> Tensor:
         return select_mutual_choice(P, max(1, sae.cfg.budget(P.shape[0])), ws)
 
+    def select_global(self, sae, P, ws, comm) -> Tensor:
+        if comm.world == 1:
+            return self.select(sae, P, ws)
+        from ..distributed import select_top_global
+
+        return select_top_global(P, max(1, sae.cfg.budget(P.shape[0] * comm.world)), comm, ws)
+
     @torch.no_grad()
-    def observe(self, sae, P, idx, stats, step, tcfg) -> None:
-        if idx.numel():
-            smallest = values_at(P, idx).min()
+    def observe(self, sae, P, idx, stats, step, tcfg, comm=None) -> None:
+        inf = torch.tensor([float("inf")], device=P.device, dtype=torch.float32)
+        smallest = values_at(P, idx).float().min().reshape(1) if idx.numel() else inf
+        if comm is not None:
+            smallest = comm.min_(smallest)
+        if torch.isfinite(smallest).all():
             ema_thresholds(sae, smallest.expand(sae.cfg.n_features))
 
 

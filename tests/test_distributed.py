@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import os
 
+import adaptive_sae as asae
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-import adaptive_sae as asae
 from adaptive_sae import distributed as D
 from adaptive_sae.rules import get_rule, rule_names
 from adaptive_sae.rules.feature_choice import select_feature_choice

@@ -231,6 +231,25 @@ def test_a_loaded_model_object_and_tokenizer_give_the_same_activations(source, b
     assert torch.equal(other.eval_contexts(4), ctx)
 
 
+def test_the_disk_cache_is_keyed_by_the_model_files(built, tmp_path):
+    model_dir, _, _ = built
+    kw = dict(cache=True, cache_tokens=2048, cache_dir=str(tmp_path))
+    first = _source(built, **kw)
+    a = next(first.batches(256))
+    path = first.store.cache_path()
+    assert path.is_file() and first.describe()["cache_vectors"] == 2048
+    assert torch.equal(next(_source(built, **kw).batches(256)), a)  # read back, same order
+    changed = tmp_path / "changed_model"
+    changed.mkdir()
+    for f in model_dir.iterdir():
+        changed.joinpath(f.name).write_bytes(f.read_bytes())
+    weights = changed / "model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-1] ^= 1  # one bit of one weight: same names and sizes, other content
+    weights.write_bytes(bytes(blob))
+    assert _source(built, model=str(changed), **kw).store.cache_path() != path
+
+
 def test_local_jsonl_and_saved_datasets_are_read_by_field(built, tmp_path):
     rows = [{"body": f"record {i} says hello"} for i in range(40)]
     path = tmp_path / "data.jsonl"

@@ -471,7 +471,7 @@ class BatchHalf(AllocationRule):
         K = max(1, sae.cfg.budget(P.shape[0]) // 2)
         return P.reshape(-1).topk(K).indices.sort().values
 
-    def observe(self, sae, P, idx, stats, step, tcfg):
+    def observe(self, sae, P, idx, stats, step, tcfg, comm=None):
         ema_thresholds(sae, sparse_ops.values_at(P, idx).min().expand(sae.cfg.n_features))
 
 

@@ -62,3 +62,12 @@ def test_an_interrupted_save_leaves_the_previous_folder_whole(tmp_path, monkeypa
     assert loaded.cfg == first.cfg
     assert torch.equal(loaded.W_dec, first.W_dec)
     assert [p.name for p in tmp_path.iterdir()] == ["sae"]  # no temporary left
+
+
+@pytest.mark.parametrize("name", ["my run", "../up", "/abs", "a/./b"])
+def test_a_bad_run_name_is_refused_before_any_work(name):
+    from adaptive_sae import results
+
+    with pytest.raises(ValueError, match="run_name="):
+        results.check_run_name(name)
+    assert results.check_run_name("sweep/k=8") == "sweep/k=8"

@@ -122,7 +122,9 @@ def run_name(parameters: Mapping[str, Any], keys: Iterable[str] | None = None) -
     return name
 
 
-def _check_run_name(name: str) -> str:
+def check_run_name(name: str) -> str:
+    """``name`` if it can name a run folder; ValueError with the fix otherwise. Call it before
+    the work whose results it will hold, not when saving them."""
     parts = Path(name).parts
     if not parts or Path(name).is_absolute() or any(p in ("..", ".") for p in parts):
         raise ValueError(
@@ -361,7 +363,7 @@ class ResultsDir:
         if not experiment or _SAFE.search(experiment):
             raise ValueError(f"experiment={experiment!r} must be a plain name like 'zipf_density'.")
         self.experiment = experiment
-        self.run_name = _check_run_name(run_name)
+        self.run_name = check_run_name(run_name)
         self.root = Path(root) if root is not None else results_root()
         self.path = self.root / experiment / run_name
         self.path.mkdir(parents=True, exist_ok=True)
@@ -422,6 +424,7 @@ __all__ = [
     "ResultsDir",
     "atomic_write_bytes",
     "atomic_write_text",
+    "check_run_name",
     "corpus_hash_of",
     "describe_source",
     "find_repo_root",

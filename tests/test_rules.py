@@ -544,3 +544,15 @@ def test_lib_does_not_import_the_oracles():
     for path in lib.rglob("*.py"):
         text = path.read_text()
         assert "import oracles" not in text and "from oracles" not in text, path
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("rule", ["topk", "mutual_choice", "feature_choice", "feature_choice_zipf"])
+def test_cuda_selection_matches_oracle(rule):
+    """The GPU paths (one-block threshold pass, per-bucket topk on the transposed P)."""
+    B, F = 1024, 1280
+    P = torch.randn(B, F, generator=torch.Generator().manual_seed(6))
+    sae = sae_for(rule, F, k=8.0)
+    ref = as_set(oracles.select(sae, P))
+    idx = select(rule, sae.cuda(), P.cuda(), sparse_ops.Workspace())
+    assert idx.is_cuda and as_set(idx.cpu()) == ref

@@ -99,7 +99,7 @@ def make_source(
     """An activation source by name. ``synthetic`` holds the ground-truth parameters
     (``SyntheticConfig``: d_in, n_true_features, k_true, zipf_exponent, busyness_sigma, ...),
     used only for the synthetic source; ``lm`` the parameters of a language-model source
-    ("tiny", "gpt2"), used only for those."""
+    ("tiny", "hf", "gpt2"), used only for those."""
     from .data import activation_source
 
     if source == "synthetic":

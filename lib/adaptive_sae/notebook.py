@@ -72,7 +72,9 @@ def start(
 ) -> Setup:
     """Set up an experiment notebook from its parameters (read from ``namespace``): the results
     folder ``results/<experiment>/<run_name>/``, torch threads, plot style, the activation
-    source (synthetic parameters d_in, n_true_features, k_true, busyness_sigma when present),
+    source (synthetic parameters d_in, n_true_features, k_true, busyness_sigma when present;
+    a language-model source's parameters in an ``lm`` mapping, e.g. model, hook and dataset for
+    ``hf``),
     its training tokens (``total_tokens``, or ``training_tokens``) and ``eval_tokens``
     held-out tokens (with the model's per-token loss when ``eval_difficulty``)."""
     from . import plots
@@ -87,7 +89,8 @@ def start(
         for key in ("d_in", "n_true_features", "k_true", "busyness_sigma")
         if key in params
     }
-    src = ex.make_source(source_name, seed=0, synthetic=synthetic)
+    lm = params.get("lm") or {}  # e.g. {"model": ..., "hook": ..., "dataset": ...} for "hf"
+    src = ex.make_source(source_name, seed=0, synthetic=synthetic, lm=lm)
     n_train = training_tokens if training_tokens is not None else params.get("total_tokens")
     data = ex.training_data(src, int(n_train)) if n_train else None
     n_eval = params.get("eval_tokens")

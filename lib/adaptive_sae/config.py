@@ -219,6 +219,14 @@ class TrainConfig(_JsonMixin):
     l1_adapt_rate: float = 0.01
     """relu_l1 only: lambda <- lambda * exp(rate * clip(log(L0 / k), -1, 1)) each step, steering
     the mean L0 to k so the baseline is compared at equal sparsity; 0 keeps lambda fixed."""
+    resample_every_tokens: int = 0
+    """Resample dead features every this many tokens (0: never). The paper's "w/ resampling"
+    baseline, Anthropic's 2023 recipe applied to the current batch: each dead feature's decoder
+    row becomes the direction of a token drawn with probability proportional to its squared
+    reconstruction error, its encoder column that direction scaled to resample_scale x the mean
+    encoder norm of the live features, its b_enc 0, and its Adam state is reset."""
+    resample_scale: float = 0.2
+    """Encoder norm of a resampled feature, as a fraction of the live features' mean."""
     init_sample_tokens: int = 8192
     """Tokens used to estimate the input scale and initialise b_dec."""
     seed: int = 0
@@ -278,6 +286,10 @@ class TrainConfig(_JsonMixin):
         self.l1_adapt_rate = _real(
             "l1_adapt_rate", self.l1_adapt_rate, 0, why=" (0 keeps it fixed)"
         )
+        self.resample_every_tokens = _integer(
+            "resample_every_tokens", self.resample_every_tokens, 0, " (0: never)"
+        )
+        self.resample_scale = _real("resample_scale", self.resample_scale, 0, low_open=True)
         self.seed = _integer("seed", self.seed, 0)
         if self.seed >= 2**63:
             raise ConfigError(f"seed={self.seed} must be < 2**63 (a torch seed).")

@@ -33,6 +33,7 @@ from .config import (
     resolve_lr,
 )
 from .distributed import current_comm, global_variance
+from .resample import resample_dead
 from .rules import get_rule
 from .sae import SparseAutoencoder
 from .sparse_ops import Workspace, affinities, sparse_reconstruct, values_at
@@ -162,6 +163,8 @@ class Trainer:
         )
         self.rule = get_rule(cfg.rule)
         self.rule_state = self.rule.init_train_state(tcfg)
+        if tcfg.resample_every_tokens:  # how many features were resampled so far
+            self.rule_state["resampled"] = 0.0
         self.steps_done = 0
         self.rows: list[dict[str, float]] = []
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -315,6 +318,10 @@ class Trainer:
             if comm.world > 1:
                 n_matched = int(comm.sum_(torch.tensor([n_matched], device=P.device)).item())
             self.rule.after_step(self.rule_state, n_matched, B, cfg, tcfg)
+            every = tcfg.resample_every_tokens
+            if every and ((step + 1) * B) // every > (step * B) // every:
+                n = resample_dead(self, x_s, x_hat)
+                self.rule_state["resampled"] = self.rule_state.get("resampled", 0.0) + n
         self.steps_done += 1
         if self.steps_done % tcfg.log_every and self.steps_done != tcfg.n_steps:
             return None

@@ -9,10 +9,9 @@ import math
 
 import numpy as np
 import pytest
+from adaptive_sae import ConfigError, SAEConfig, TrainConfig
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from adaptive_sae import ConfigError, SAEConfig, TrainConfig
 
 # ----------------------------------------------------------------------------- item 2: numpy
 

@@ -88,9 +88,22 @@ def figure(ncols: int = 1, nrows: int = 1, width: float = 5.5, height: float = 4
 
 
 def _registry() -> list[str]:
+    """Registered names in legend order: each rule, its aliases right after it."""
     from .rules import rule_names
 
     return rule_names(aliases=True)
+
+
+def _style_index(name: str) -> int:
+    """Rules take the first colours in registration order, aliases the next ones, so that two
+    rules never share a colour; any other name one fixed by a hash of the name."""
+    from .rules import rule_names
+
+    ranked = rule_names(aliases=False)
+    ranked += [n for n in rule_names(aliases=True) if n not in ranked]
+    if name in ranked:
+        return ranked.index(name)
+    return len(ranked) + zlib.crc32(str(name).encode()) % len(_PALETTE)
 
 
 def rule_label(name: str) -> str:
@@ -119,11 +132,7 @@ def rule_style(name: str) -> dict[str, Any]:
     """Colour, marker and label of a rule or variant. A registered name takes the colour and
     marker of its place in the registry; any other name one fixed by a hash of the name, so
     that it is the same in every figure and every run."""
-    known = _registry()
-    if name in known:
-        i = known.index(name)
-    else:
-        i = len(known) + zlib.crc32(str(name).encode()) % len(_PALETTE)
+    i = _style_index(name)
     return {
         "color": _PALETTE[i % len(_PALETTE)],
         "marker": _MARKERS[i % len(_MARKERS)],

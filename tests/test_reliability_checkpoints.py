@@ -18,11 +18,6 @@ from adaptive_sae.checkpoints import CheckpointError
 N_STEPS = 6
 B = 16
 
-NEEDS_PREPARE = pytest.mark.xfail(
-    strict=True,
-    reason="train() must call checkpoints.prepare(checkpoint_dir, resume_from=...) before the "
-    "first step",
-)
 
 
 def _cfgs(n_steps: int = N_STEPS, **train):
@@ -88,7 +83,6 @@ def test_overwrite_and_clear_remove_only_checkpoints(run_dir):
     assert not checkpoints.holds_run(run_dir)
 
 
-@NEEDS_PREPARE
 def test_train_refuses_a_folder_of_another_run_before_the_first_step(run_dir):
     steps = []
     cfg, tcfg = _cfgs(n_steps=4, seed=1)
@@ -153,7 +147,6 @@ def test_check_writable_names_the_folder(tmp_path):
     assert io.check_writable(tmp_path / "new" / "ckpt").is_dir()
 
 
-@NEEDS_PREPARE
 def test_unwritable_checkpoint_dir_fails_before_the_first_step(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
@@ -292,14 +285,8 @@ def test_leftovers_of_killed_saves_are_removed_and_modes_are_consistent(run_dir)
         assert mode == (io.DIR_MODE if p.is_dir() else io.FILE_MODE), (p, oct(mode))
 
 
-NEEDS_SAE_IO = pytest.mark.xfail(
-    strict=True,
-    reason="SparseAutoencoder.save/load must use adaptive_sae.io (atomic_folder, save_tensors, "
-    "load_tensors, read_json)",
-)
 
 
-@NEEDS_SAE_IO
 def test_sae_save_writes_0644_files_and_load_names_a_damaged_file(tmp_path):
     sae = asae.SparseAutoencoder(asae.SAEConfig(d_in=8, n_features=32, k=2))
     folder = sae.save(tmp_path / "sae")

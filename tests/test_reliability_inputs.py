@@ -16,11 +16,6 @@ def _x() -> torch.Tensor:
     return torch.randn(128, 8, generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="trainer.batch_stream must turn a 2-d numpy array or a list of rows into a tensor "
-    "(and _checked convert numpy batches)",
-)
 @pytest.mark.parametrize("as_", ["numpy", "list"])
 def test_array_likes_train_like_the_tensor(as_):
     cfg, tcfg = _cfgs()
@@ -37,11 +32,6 @@ def test_something_else_says_what_is_accepted():
         asae.train(cfg, tcfg, 3.5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SparseAutoencoder.save must write a sibling folder and rename it in "
-    "(adaptive_sae.io.atomic_folder)",
-)
 def test_an_interrupted_save_leaves_the_previous_folder_whole(tmp_path, monkeypatch):
     """Two writers (or a killed one) used to leave one SAE's weights beside another's cfg."""
     folder = tmp_path / "sae"

@@ -13,31 +13,22 @@ Choice (running mean of column j's m_j-th largest affinity, i.e. a JumpReLU SAE)
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from . import io
 from .config import ConfigError, SAEConfig
-from .results import atomic_write_bytes
 from .rules import codes_at, get_rule
 
 Mode = Literal["train", "inference"]
 """train: the allocation rule on the batch given; inference: its batch-independent form."""
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "cfg.json"
-
-
-def atomic_save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
 
 
 def geometric_median(x: Tensor, iters: int = 100, eps: float = 1e-8) -> Tensor:
@@ -167,7 +158,7 @@ class SparseAutoencoder(nn.Module):
 
     # ----- persistence ----------------------------------------------------------------------
     def save(self, directory: str | os.PathLike, format: str = "suite", **kwargs) -> Path:
-        """Weights in safetensors and cfg.json beside them, each written atomically.
+        """Weights in safetensors and cfg.json beside them, the folder written as one unit.
         format="saelens" writes SAELens 6.x's folder instead (``saelens.save_saelens``; kwargs
         go there)."""
         if format == "saelens":
@@ -179,9 +170,21 @@ class SparseAutoencoder(nn.Module):
         if kwargs:
             raise TypeError(f"save() takes {sorted(kwargs)} only with format='saelens'.")
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        atomic_save_tensors(dict(self.state_dict()), directory / WEIGHTS_FILE)
-        atomic_write_bytes(directory / CONFIG_FILE, self.cfg.to_json().encode())
+        if directory.is_dir():
+            other = sorted(
+                p.name
+                for p in directory.iterdir()
+                if p.name not in (WEIGHTS_FILE, CONFIG_FILE) and not p.name.startswith(".")
+            )
+            if other:
+                raise FileExistsError(
+                    f"{directory} holds other files ({', '.join(other[:5])}); a save replaces "
+                    f"the whole folder, so save the SAE into its own folder."
+                )
+        # one unit: a concurrent reader or saver sees one whole save or another, never a mix
+        with io.atomic_folder(directory) as tmp:
+            io.save_tensors(dict(self.state_dict()), tmp / WEIGHTS_FILE)
+            io.atomic_write_text(tmp / CONFIG_FILE, self.cfg.to_json())
         return directory
 
     @classmethod
@@ -198,9 +201,10 @@ class SparseAutoencoder(nn.Module):
                     f"{directory / name} is missing; a saved SAE folder holds {WEIGHTS_FILE} "
                     f"and {CONFIG_FILE} (written by SparseAutoencoder.save)."
                 )
-        cfg = SAEConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
+        fix = "the folder is damaged: save the SAE again or restore the folder."
+        cfg = SAEConfig.from_dict(io.read_json(directory / CONFIG_FILE, fix))
         sae = cls(cfg)
-        state = load_file(str(directory / WEIGHTS_FILE))
+        state = io.load_tensors(directory / WEIGHTS_FILE, fix)
         missing = set(sae.state_dict()) - set(state)
         if missing:
             raise ConfigError(f"{directory / WEIGHTS_FILE} lacks tensors {sorted(missing)}.")

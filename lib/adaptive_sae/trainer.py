@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
@@ -73,6 +74,10 @@ def _tensor_batches(x: Tensor, B: int, seed: int, start: int) -> Iterator[Tensor
 
 def batch_stream(data: Any, batch_size: int, d_in: int, seed: int, start: int = 0) -> Iterator:
     """An iterator of (batch_size, d_in) batches starting at batch index ``start``."""
+    if isinstance(data, np.ndarray) or (
+        isinstance(data, (list, tuple)) and data and isinstance(data[0], (list, tuple))
+    ):  # array-likes of activations become one float32 tensor
+        data = torch.as_tensor(np.asarray(data, dtype=np.float32))
     if isinstance(data, Tensor):
         if data.ndim != 2 or data.shape[1] != d_in:
             raise ValueError(
@@ -98,6 +103,8 @@ def batch_stream(data: Any, batch_size: int, d_in: int, seed: int, start: int = 
 
 
 def _checked(batch: Any, step: int, B: int, d: int) -> Tensor:
+    if isinstance(batch, np.ndarray):
+        batch = torch.from_numpy(batch)
     if not isinstance(batch, Tensor) or batch.shape != (B, d):
         shape = tuple(batch.shape) if isinstance(batch, Tensor) else type(batch).__name__
         raise ValueError(
@@ -309,7 +316,10 @@ class Trainer:
             F = cfg.n_features
             matched = idx[values_at(P, idx) > 0]
             stats.update(comm.sum_(torch.bincount(matched % F, minlength=F)), B)
-            self.rule.observe(sae, P, idx, stats, step, tcfg, comm=comm)
+            if comm.world > 1:  # a rule written for one process need not take comm
+                self.rule.observe(sae, P, idx, stats, step, tcfg, comm=comm)
+            else:
+                self.rule.observe(sae, P, idx, stats, step, tcfg)
             if (step + 1) % tcfg.zipf_refit_every == 0 or step == 0:
                 stats.refit()
             else:  # between refits, features that just died join the underutilised set
@@ -434,13 +444,17 @@ def train(
     resume_from: str | os.PathLike | None = None,
     progress: bool = False,
     callback: Callable[[int, dict[str, float] | None], None] | None = None,
+    overwrite: bool = False,
 ) -> TrainRun:
     """Train one SAE. Checkpoints go to ``checkpoint_dir`` every ``tcfg.checkpoint_every``
     steps and at the end; ``resume_from`` continues an interrupted run (and keeps writing
-    checkpoints there unless another ``checkpoint_dir`` is given). ``callback(step, row)`` is
-    called after every step (row is None on steps that are not logged)."""
+    checkpoints there unless another ``checkpoint_dir`` is given). A ``checkpoint_dir`` holding
+    another run's checkpoints is refused unless ``overwrite=True`` (which deletes them).
+    ``callback(step, row)`` is called after every step (row is None on steps that are not logged)."""
     if checkpoint_dir is None and resume_from is not None:
         checkpoint_dir = resume_from
+    if checkpoint_dir is not None:  # a bad or occupied folder fails now, not after training
+        checkpoints.prepare(checkpoint_dir, resume_from=resume_from, overwrite=overwrite)
     t = Trainer(cfg, tcfg, Path(checkpoint_dir) if checkpoint_dir is not None else None)
     if resume_from is not None:
         t.load_checkpoint(Path(resume_from))

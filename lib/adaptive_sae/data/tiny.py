@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..config import ConfigError, _JsonMixin
-from ..sae import atomic_save_tensors
+from ..io import save_tensors
 from .corpus import DOC_START, VOCAB_SIZE, Corpus, Split, build_corpus
 from .store import ActivationStore, StoreConfig, atomic_write_json, cache_root, short_hash
 
@@ -267,7 +267,7 @@ def train_tiny_lm(
     model.eval()
     val_ctx = windows(corpus.tokens("val"), T)
     val_bpb = loss_bits_per_byte(model, val_ctx)
-    atomic_save_tensors(model.state_dict(), directory / WEIGHTS_FILE)
+    save_tensors(model.state_dict(), directory / WEIGHTS_FILE)
     record = {
         "format_version": FORMAT_VERSION,
         "config": cfg.to_dict(),

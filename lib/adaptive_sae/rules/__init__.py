@@ -22,7 +22,7 @@ from .base import (
 )
 from .feature_choice import select_feature_choice
 from .mutual_choice import select_mutual_choice
-from .topk import select_topk  # noqa: I001  (registration order is the order of tables)
+from .topk import select_topk
 
 __all__ = [
     "AllocationRule",

@@ -169,10 +169,20 @@ def get_rule(name: str) -> AllocationRule:
         ) from None
 
 
+# The order of tables and plots: the built-in rules first, then others as registered.
+BUILTIN_ORDER = (
+    "topk",
+    "batch_topk",
+    "mutual_choice",
+    "feature_choice",
+    "feature_choice_zipf",
+    "relu_l1",
+)
+
+
 def rule_names(aliases: bool = True) -> list[str]:
-    """Registered names in registration order; with ``aliases`` each alias follows its rule."""
-    out = []
-    for n, r in _RULES.items():
-        if n == r.name or aliases:
-            out.append(n)
-    return out
+    """Registered names, built-in rules first in ``BUILTIN_ORDER``, then the others in
+    registration order; ``aliases`` includes names like batch_topk."""
+    names = [n for n, r in _RULES.items() if n == r.name or aliases]
+    rank = {n: i for i, n in enumerate(BUILTIN_ORDER)}
+    return sorted(names, key=lambda n: rank.get(n, len(rank)))

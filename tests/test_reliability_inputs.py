@@ -61,3 +61,12 @@ def test_a_bad_run_name_is_refused_before_any_work(name):
     with pytest.raises(ValueError, match="run_name="):
         results.check_run_name(name)
     assert results.check_run_name("sweep/k=8") == "sweep/k=8"
+
+
+def test_constant_activations_are_refused_with_the_reason():
+    cfg, tcfg = _cfgs()
+    with pytest.raises(ValueError, match="constant"):
+        asae.train(cfg, tcfg, torch.ones(128, 8))
+    sae = asae.train(cfg, tcfg, _x()).sae
+    with pytest.raises(ValueError, match="constant"):
+        asae.evaluate(sae, torch.zeros(64, 8), mode="inference")

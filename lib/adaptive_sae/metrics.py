@@ -121,6 +121,11 @@ def evaluate(
         l0[i : i + xb.shape[0]] = nz.sum(1).cpu()
     xd = x.double()
     var = (xd - xd.mean(0, keepdim=True)).pow(2).sum()
+    if float(var) == 0.0:
+        raise ValueError(
+            "the evaluated activations are constant: NMSE, relative to their variance, is "
+            "undefined; evaluate on real held-out activations."
+        )
     densities = counts.double() / N
     fit = zipf.fit_zipf(densities, head_fraction)
     under = zipf.underutilised(densities, gamma, fit)

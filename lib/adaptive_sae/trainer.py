@@ -223,6 +223,11 @@ class Trainer:
                 "the first batches hold non-finite activations; clean the data (e.g. drop "
                 "inf/NaN rows) before training."
             )
+        if float((sample - sample.mean(0)).pow(2).sum()) == 0.0:
+            raise ValueError(
+                "the first batches are constant (every activation the same): NMSE, relative to "
+                "the activations' variance, is undefined; check the data (hook, layer, source)."
+            )
         self.sae.init_from_data(sample)
 
     def _forward(self, x_s: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:

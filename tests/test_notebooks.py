@@ -1,5 +1,6 @@
 """The experiment notebooks: stored without outputs, one plain-literal parameters cell that
-papermill can override, sweeps that match them. (Executing every notebook is nbval's job:
+papermill can override, one setup call, figures drawn from saved tables, claim cells that name
+their claim, sweeps that match them. (Executing every notebook is nbval's job:
 ``pytest --nbval-lax notebooks`` runs them at their quick defaults and fails on a claim cell.)"""
 
 from __future__ import annotations
@@ -73,6 +74,43 @@ def test_parameters_are_plain_literals_and_complete(path):
     sources = "\n".join(c.source for c in nb.cells[index + 1 :] if c.cell_type == "code")
     assert "assert " in sources, "the notebook must end with claim cells that assert"
     assert "save_provenance" in sources and "save_metrics" in sources and "save_figure" in sources
+
+
+def _code_after_parameters(nb) -> list[str]:
+    index, _ = _parameters(nb)
+    return [c.source for c in nb.cells[index + 1 :] if c.cell_type == "code"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_follows_the_experiment_layout(path):
+    """One setup call, figures drawn from saved tables, claim cells that name their claim, and
+    empirical verdicts recorded rather than asserted."""
+    nb = nbformat.read(path, as_version=4)
+    cells = _code_after_parameters(nb)
+    assert "notebook.start(" in cells[0], f"{path.name}: the cell after the parameters calls start"
+    for src in cells:
+        if "save_figure" in src:
+            assert "plots." in src and "read_csv(" in src, (
+                f"{path.name}: a figure is drawn by a plots function from a saved table:\n{src}"
+            )
+        if "assert " in src:
+            assert src.lstrip().startswith("# Claim:"), (
+                f"{path.name}: a cell that asserts starts with '# Claim: ...':\n{src}"
+            )
+            for stmt in ast.walk(ast.parse(src)):
+                if isinstance(stmt, ast.Assert):
+                    assert stmt.msg is not None, (
+                        f"{path.name}: the assertion names its claim: {ast.unparse(stmt)}"
+                    )
+                    text = ast.unparse(stmt.test)
+                    assert not any(w in text for w in ("_ms", "seconds", "relative_to_topk")), (
+                        f"{path.name}: no claim asserts a wall-clock time: {text}"
+                    )
+    joined = "\n".join(cells)
+    assert "record_verdict(" in joined, f"{path.name}: empirical verdicts go to record_verdict"
+    assert "SCALE" not in joined and "total_tokens <" not in joined, (
+        f"{path.name}: no claim depends on a scale threshold"
+    )
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)

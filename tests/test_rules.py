@@ -556,3 +556,34 @@ def test_cuda_selection_matches_oracle(rule):
     ref = as_set(oracles.select(sae, P))
     idx = select(rule, sae.cuda(), P.cuda(), sparse_ops.Workspace())
     assert idx.is_cuda and as_set(idx.cpu()) == ref
+
+
+def test_registered_rule_appears_in_comparison_table_and_plot(custom_rules, tmp_path):
+    """A rule registered here, without touching the library, trains through the experiment
+    driver, is evaluated in both modes, and gets its own rows and plot style."""
+    from adaptive_sae import experiments as ex
+    from adaptive_sae import plots
+
+    x = _train_data()
+    held = ex.EvalSet(_train_data(512, seed=1))
+    grid = ex.train_grid(
+        x,
+        variants=["topk", "topk_half", "batch_half"],
+        seeds=[0],
+        k_values=[4],
+        widths=[32],
+        batch_size=256,
+        total_tokens=256 * 4,
+        eval_set=held,
+        progress=False,
+    )
+    table = grid.table.set_index("variant")
+    assert list(table.index) == ["topk", "topk_half", "batch_half"]
+    assert table.loc["topk_half", "l0_mean"] <= 2.0 + 1e-9  # half of k = 4 per token
+    assert table.loc["batch_half", "l0_mean"] <= 2.0 + 1e-9  # half of the batch budget
+    assert {"nmse", "nmse_inference"} <= set(table.columns)
+    fig = plots.pareto(grid.table.assign(seed=0))
+    fig.savefig(tmp_path / "pareto.png")
+    assert (tmp_path / "pareto.png").stat().st_size > 1000
+    assert plots.rule_label("topk_half") == "TopK (half budget)"
+    assert plots.rule_style("batch_half") != plots.rule_style("topk")

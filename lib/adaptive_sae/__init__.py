@@ -26,6 +26,7 @@ _LAZY = {
     "Evaluation": ("metrics", "Evaluation"),
     "NonFiniteError": ("trainer", "NonFiniteError"),
     "evaluate": ("metrics", "evaluate"),
+    "compare_rules": ("convergence", "compare_rules"),
     "rules": ("rules", None),
     "register_rule": ("rules", "register_rule"),
     "sparse_ops": ("sparse_ops", None),

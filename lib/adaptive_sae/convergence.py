@@ -1,0 +1,453 @@
+"""Comparisons of allocation rules at convergence (DESIGN §11).
+
+A verdict between rules is a statement about converged SAEs: short runs measure which rule
+learns fastest. :func:`compare_rules` trains every rule until its comparison has converged:
+
+    import adaptive_sae as asae
+    table = asae.compare_rules(train_x, held_x, rules=["topk", "mutual_choice"], k=8,
+                               n_features=512, max_tokens=8_000_000)
+
+The protocol, at budgets T0, 2·T0, 4·T0, ... training tokens:
+
+1. **Learning rate, bracketed.** For each rule, train the search seed (``seeds[0]``) at every
+   learning rate of the grid and measure NMSE on the *validation* half of the held-out tokens.
+   While the best is the smallest or the largest rate tried, extend the grid past it by
+   ``lr_factor``; so the best is never at the edge. At the next budget the search starts from
+   the previous best and its two neighbours.
+2. **Budget, doubled.** The comparison has converged when doubling the budget changes no rule's
+   validation NMSE (at its best learning rate) by more than ``tolerance`` (1 %) relative.
+   When the next doubling would pass ``max_tokens`` the protocol stops with
+   ``converged = False``.
+3. **Seeds, on test tokens.** At the final budget every seed is trained at the rule's best
+   learning rate and measured on the *test* half of the held-out tokens (never used for a
+   choice): mean ± std across seeds.
+
+Every training goes through ``experiments.train_grid``. With ``cache_dir`` each finished trial
+is written there atomically, and a re-run with the same settings reuses it (resumable).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from . import experiments as ex
+from .io import atomic_write_text, write_csv
+
+# columns averaged over seeds in the final table (those present)
+REPORTED = (
+    "nmse",
+    "nmse_inference",
+    "l0_mean",
+    "l0_std",
+    "dead_pct",
+    "dead_pct_inference",
+    "underutilised_pct",
+    "fraction_recovered",
+    "mean_max_cosine",
+    "l0_rank_correlation",
+)
+
+
+@dataclass
+class Convergence:
+    """What :func:`converge` returns."""
+
+    table: pd.DataFrame
+    """One row per rule at the final budget: ``<metric>_mean`` / ``_std`` across seeds on test
+    tokens, ``lr`` and its bracket (``lr_below``, ``lr_above``), ``tokens``, ``converged``."""
+    curve: pd.DataFrame
+    """One row per rule and budget: the best learning rate and its validation NMSE (search
+    seed), the relative change from the previous budget, and that budget's winner."""
+    lr_trials: pd.DataFrame
+    """Every learning-rate trial: rule, tokens, lr, validation metrics."""
+    runs: pd.DataFrame
+    """The per-seed test rows of the final budget."""
+    trained: list = field(default_factory=list)
+    """The final-budget SAEs (``experiments.Trained``) when ``keep_runs`` was set."""
+
+
+def _round_lr(lr: float) -> float:
+    return float(f"{lr:.4g}")
+
+
+def _split(held_out, eval_tokens: int | None) -> tuple[ex.EvalSet, ex.EvalSet]:
+    """Validation and test halves of the held-out tokens (ground truth kept)."""
+    if isinstance(held_out, tuple) and len(held_out) == 2:
+        return tuple(h if isinstance(h, ex.EvalSet) else ex.EvalSet(h) for h in held_out)
+    if isinstance(held_out, torch.Tensor):
+        whole = ex.EvalSet(held_out.float())
+    elif isinstance(held_out, ex.EvalSet):
+        whole = held_out
+    elif hasattr(held_out, "held_out"):
+        whole = ex.EvalSet.from_source(held_out, 2 * int(eval_tokens or 16_384))
+    else:
+        raise TypeError(
+            f"held_out must be an (N, d) tensor, an EvalSet, a (validation, test) pair or an "
+            f"activation source; got {type(held_out).__name__}."
+        )
+    n = whole.x.shape[0]
+    if n < 4:
+        raise ValueError(f"held_out holds {n} tokens; pass at least 4 (half validate, half test).")
+    h = n // 2
+
+    def part(sl: slice) -> ex.EvalSet:
+        na = whole.n_active[sl] if whole.n_active is not None else None
+        diff = whole.difficulty[sl] if whole.difficulty is not None else None
+        return ex.EvalSet(whole.x[sl], na, whole.true_features, diff)
+
+    return part(slice(0, h)), part(slice(h, 2 * h))
+
+
+def _training_tensor(train, data_tokens: int):
+    if isinstance(train, torch.Tensor):
+        if train.ndim != 2:
+            raise ValueError(f"train must be (N, d), got shape {tuple(train.shape)}.")
+        return train.float()
+    if hasattr(train, "batches"):
+        return ex.training_data(train, data_tokens)
+    raise TypeError(
+        f"train must be an (N, d) tensor or an activation source; got {type(train).__name__}."
+    )
+
+
+def _fingerprint(data, settings: Mapping[str, Any]) -> str:
+    """A short hash of the settings and the data (shape and a few sums), naming a cache."""
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    if isinstance(data, torch.Tensor):
+        d = data.double()
+        h.update(str((tuple(data.shape), float(d.sum()), float(d.pow(2).sum()))).encode())
+    return h.hexdigest()[:16]
+
+
+class _Trials:
+    """Finished trials, keyed by (variant, split, tokens, lr, seed), optionally on disk."""
+
+    KEY = ("variant", "split", "tokens", "lr", "seed")
+
+    def __init__(self, folder: Path | None):
+        self.path = folder / "trials.csv" if folder is not None else None
+        self.rows: list[dict[str, Any]] = []
+        if self.path is not None and self.path.exists():
+            self.rows = pd.read_csv(self.path).to_dict("records")
+
+    def _key(self, row: Mapping[str, Any]) -> tuple:
+        return (
+            row["variant"],
+            row["split"],
+            int(row["tokens"]),
+            _round_lr(row["lr"]),
+            int(row["seed"]),
+        )
+
+    def get(self, variant: str, split: str, tokens: int, lr: float, seed: int):
+        want = (variant, split, int(tokens), _round_lr(lr), int(seed))
+        for row in self.rows:
+            if self._key(row) == want:
+                return row
+        return None
+
+    def add(self, rows: list[dict[str, Any]]) -> None:
+        self.rows.extend(rows)
+        if self.path is not None:
+            write_csv(self.path, pd.DataFrame(self.rows))
+
+
+def converge(
+    train,
+    held_out,
+    *,
+    rules: Sequence[str | ex.Variant],
+    k: float,
+    n_features: int,
+    batch_size: int = 1024,
+    seeds: Sequence[int] = (0, 1, 2),
+    max_tokens: int | None = None,
+    start_tokens: int | None = None,
+    lrs: Sequence[float] = (1e-3, 3e-3, 1e-2),
+    lr_factor: float = 3.0,
+    max_lr_extensions: int = 6,
+    tolerance: float = 0.01,
+    aux_loss: str = "none",
+    input_scaling: str = "global",
+    sae_kwargs: Mapping[str, Any] | None = None,
+    train_kwargs: Mapping[str, Any] | None = None,
+    eval_tokens: int | None = None,
+    data_tokens: int | None = None,
+    cache_dir: str | Path | None = None,
+    keep_runs: bool = False,
+    device: str = "cpu",
+    log: Callable[[str], None] | None = None,
+    fit: Callable[..., Any] = ex.train_grid,
+) -> Convergence:
+    """Train every rule until the comparison has converged; return its tables.
+
+    See the module docstring for the protocol. ``train`` is an (N, d) tensor or an activation
+    source (then its first ``data_tokens`` tokens, default ``max_tokens`` or 2**22, are
+    collected once; longer budgets repeat epochs). ``held_out`` is an (N, d) tensor, an
+    ``EvalSet``, a source or a (validation, test) pair; a single set is split in halves.
+    ``fit`` is the training driver (``experiments.train_grid``), replaceable in tests."""
+    if not rules:
+        raise ValueError("rules is empty; name at least one allocation rule.")
+    if not seeds:
+        raise ValueError("seeds is empty; pass at least one seed, e.g. seeds=(0,).")
+    if not lrs or any(not (lr > 0) for lr in lrs):
+        raise ValueError(f"lrs={list(lrs)} must be positive learning rates.")
+    if lr_factor <= 1:
+        raise ValueError(f"lr_factor={lr_factor} must be > 1 (the grid extends by it).")
+    if not tolerance > 0:
+        raise ValueError(f"tolerance={tolerance} must be > 0 (a relative change, e.g. 0.01).")
+    variants = [ex.as_variant(r) for r in rules]
+    start = int(start_tokens or 128 * batch_size)
+    if max_tokens is not None and max_tokens < start:
+        raise ValueError(
+            f"max_tokens={max_tokens} is below the first budget start_tokens={start}; raise "
+            f"max_tokens or lower start_tokens."
+        )
+    data = _training_tensor(train, int(data_tokens or max_tokens or 2**22))
+    val, test = _split(held_out, eval_tokens)
+    say = log or (lambda msg: None)
+
+    settings = {
+        "rules": [(v.name, v.rule, dict(v.sae), dict(v.train)) for v in variants],
+        "k": k,
+        "n_features": n_features,
+        "batch_size": batch_size,
+        "aux_loss": aux_loss,
+        "input_scaling": input_scaling,
+        "sae_kwargs": dict(sae_kwargs or {}),
+        "train_kwargs": dict(train_kwargs or {}),
+        "val_tokens": int(val.x.shape[0]),
+    }
+    folder = None
+    if cache_dir is not None:
+        folder = Path(cache_dir) / _fingerprint(data, settings)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / "settings.json", json.dumps(settings, default=str, indent=1))
+    trials = _Trials(folder)
+
+    def run(variant: ex.Variant, lr_list, seed_list, tokens, split, keep=False):
+        """Rows (and SAEs) of the trials not done yet, through the driver; a learning rate
+        that diverges gets NMSE = inf, so the bracket lies below it."""
+        eval_set = val if split == "val" else test
+        rows, kept = [], []
+        todo = [
+            (lr, s)
+            for lr in lr_list
+            for s in seed_list
+            if keep or trials.get(variant.name, split, tokens, lr, s) is None
+        ]
+        for lr in dict.fromkeys(lr for lr, _ in todo):
+            s_todo = [s for lr2, s in todo if lr2 == lr]
+            kwargs = dict(
+                variants=[variant],
+                seeds=s_todo,
+                k_values=[k],
+                widths=[n_features],
+                aux_losses=[aux_loss],
+                input_scalings=[input_scaling],
+                lrs=[lr],
+                batch_size=batch_size,
+                total_tokens=int(tokens),
+                eval_set=eval_set,
+                sae_kwargs=sae_kwargs,
+                train_kwargs=train_kwargs,
+                keep_runs=keep,
+                progress=False,
+                device=device,
+            )
+            try:
+                grid = fit(data, **kwargs)
+                table = grid.table.to_dict("records")
+                kept.extend(getattr(grid, "runs", []) if keep else [])
+            except FloatingPointError as err:  # NonFiniteError: diverged
+                say(f"{variant.name} lr={lr:g}: diverged ({str(err).splitlines()[0]})")
+                table = [{"seed": s, "nmse": math.inf, "diverged": True} for s in s_todo]
+            for row in table:
+                row.update(variant=variant.name, split=split, tokens=int(tokens), lr=lr)
+            rows.extend(table)
+        trials.add(rows)
+        if keep:
+            return rows, kept
+        out = [trials.get(variant.name, split, tokens, lr, s) for lr in lr_list for s in seed_list]
+        return out, kept
+
+    def bracket(variant, tokens, candidates):
+        """Learning rate -> validation NMSE of the search seed, extended until the best has a
+        tried rate on each side; returns (tried, best, bracketed)."""
+        tried: dict[float, float] = {}
+        cands = [_round_lr(c) for c in candidates]
+        for _ in range(max_lr_extensions + 1):
+            rows, _ = run(variant, [c for c in cands if c not in tried], seeds[:1], tokens, "val")
+            tried.update({_round_lr(r["lr"]): float(r["nmse"]) for r in rows})
+            order = sorted(tried)
+            best = min(order, key=lambda lr: (tried[lr], lr))
+            if not math.isfinite(tried[best]):
+                raise FloatingPointError(
+                    f"rule {variant.name!r} diverged at every learning rate tried "
+                    f"{order} at {tokens} tokens; pass smaller lrs."
+                )
+            if best == order[0]:
+                cands = [_round_lr(best / lr_factor)]
+            elif best == order[-1]:
+                cands = [_round_lr(best * lr_factor)]
+            else:
+                return tried, best, True
+        return tried, best, False
+
+    curve_rows: list[dict[str, Any]] = []
+    grids: dict[str, dict[float, float]] = {}
+    tokens, prev, converged = start, None, False
+    while True:
+        now: dict[str, float] = {}
+        for v in variants:
+            if v.name in grids:  # start from the previous best and its neighbours
+                order = sorted(grids[v.name])
+                best_prev = min(order, key=lambda lr: (grids[v.name][lr], lr))
+                i = order.index(best_prev)
+                cands = order[max(0, i - 1) : i + 2]
+            else:
+                cands = list(lrs)
+            tried, best, bracketed = bracket(v, tokens, cands)
+            grids[v.name] = tried
+            now[v.name] = tried[best]
+            order = sorted(tried)
+            i = order.index(best)
+            curve_rows.append(
+                {
+                    "rule": v.name,
+                    "tokens": tokens,
+                    "lr": best,
+                    "lr_below": order[i - 1] if i > 0 else float("nan"),
+                    "lr_above": order[i + 1] if i + 1 < len(order) else float("nan"),
+                    "lr_tried": len(tried),
+                    "bracketed": bracketed,
+                    "nmse_val": tried[best],
+                    "change": (
+                        abs(tried[best] - prev[v.name]) / prev[v.name] if prev else float("nan")
+                    ),
+                }
+            )
+        say(
+            f"{tokens:,} tokens: "
+            + ", ".join(
+                f"{r['rule']} {r['nmse_val']:.4f} (lr {r['lr']:g})"
+                for r in curve_rows[-len(variants) :]
+            )
+        )
+        last = curve_rows[-len(variants) :]
+        all_bracketed = all(r["bracketed"] for r in last)
+        if prev is not None and all_bracketed and max(r["change"] for r in last) <= tolerance:
+            converged = True
+            break
+        if max_tokens is not None and 2 * tokens > max_tokens:
+            break
+        prev, tokens = now, 2 * tokens
+
+    curve = pd.DataFrame(curve_rows)
+    winners = curve.loc[curve.groupby("tokens")["nmse_val"].idxmin(), ["tokens", "rule"]]
+    curve = curve.merge(winners.rename(columns={"rule": "winner"}), on="tokens")
+
+    # the final budget: every seed at the best rate, on test tokens
+    per_seed, trained = [], []
+    final = curve[curve["tokens"] == tokens].set_index("rule")
+    for v in variants:
+        rows, kept = run(v, [final.loc[v.name, "lr"]], list(seeds), tokens, "test", keep_runs)
+        per_seed.extend(rows)
+        trained.extend(kept)
+    runs = pd.DataFrame(per_seed)
+    metrics = [m for m in REPORTED if m in runs.columns]
+    grouped = runs.groupby("variant", sort=False)[metrics]
+    table = grouped.mean().add_suffix("_mean").join(grouped.std().add_suffix("_std"))
+    table = table.reindex([v.name for v in variants]).reset_index()
+    table = table.rename(columns={"variant": "rule"})
+    table = table[["rule", *[f"{m}_{s}" for m in metrics for s in ("mean", "std")]]]
+    table.insert(1, "seeds", len(seeds))
+    for col in ("lr", "lr_below", "lr_above", "bracketed", "change"):
+        table[col] = table["rule"].map(final[col])
+    table = table.rename(columns={"change": "nmse_change_last_doubling"})
+    table["lr_search_seed"] = seeds[0]
+    table["tokens"] = tokens
+    table["epochs"] = tokens / int(data.shape[0])
+    table["converged"] = converged
+    table.attrs["converged"] = converged
+    trials_table = pd.DataFrame([r for r in trials.rows if r["split"] == "val"])
+    if folder is not None:
+        write_csv(folder / "curve.csv", curve)
+        write_csv(folder / "table.csv", table)
+    return Convergence(table, curve, trials_table, runs, trained)
+
+
+def compare_rules(
+    train,
+    held_out,
+    *,
+    rules: Sequence[str | ex.Variant],
+    k: float,
+    n_features: int,
+    batch_size: int = 1024,
+    seeds: Sequence[int] = (0, 1, 2),
+    max_tokens: int | None = None,
+    **kwargs: Any,
+) -> pd.DataFrame:
+    """Compare allocation rules at convergence: one row per rule with ``nmse_mean``,
+    ``nmse_std`` (across ``seeds``, on test tokens), ``lr``, ``tokens``, ``converged``, and
+    L0, dead % (and ground-truth recovery on synthetic data), each as ``_mean``/``_std``.
+
+    Converged means: each rule's learning rate is bracketed (its best is never at the edge of
+    the grid tried: the grid is extended by ``lr_factor`` until it is not), and doubling the
+    budget changes no rule's held-out NMSE by more than ``tolerance`` = 1 % relative. If the
+    next doubling would pass ``max_tokens`` the protocol stops and ``converged`` is False.
+    The learning rate is searched with one seed (``seeds[0]``) on the validation half of the
+    held-out tokens; the reported numbers come from every seed on the test half.
+
+    ``train``/``held_out`` are (N, d) tensors or activation sources. Other keyword arguments
+    (``lrs``, ``start_tokens``, ``tolerance``, ``aux_loss``, ``train_kwargs``, ``cache_dir``,
+    ...) are :func:`converge`'s, which also returns the learning-rate trials and the NMSE
+    curve against the budget."""
+    conv = converge(
+        train,
+        held_out,
+        rules=rules,
+        k=k,
+        n_features=n_features,
+        batch_size=batch_size,
+        seeds=seeds,
+        max_tokens=max_tokens,
+        **kwargs,
+    )
+    table = conv.table
+    table.attrs["curve"] = conv.curve
+    return table
+
+
+def verdict_changes(curve: pd.DataFrame) -> pd.DataFrame:
+    """The budgets at which the winner (lowest validation NMSE) differs from the previous
+    budget's: (tokens, winner, previous winner)."""
+    w = curve.drop_duplicates("tokens").sort_values("tokens")[["tokens", "winner"]]
+    w["previous"] = w["winner"].shift()
+    return w[w["previous"].notna() & (w["winner"] != w["previous"])].reset_index(drop=True)
+
+
+def mean_std_text(table: pd.DataFrame, metrics: Sequence[str] = ("nmse",), digits: int = 3):
+    """The table with ``<metric>`` columns spelled ``mean ± std``."""
+    from .results import format_mean_std
+
+    out = table.copy()
+    for m in metrics:
+        if f"{m}_mean" in out:
+            out[m] = [
+                format_mean_std(a, b, digits) for a, b in zip(out[f"{m}_mean"], out[f"{m}_std"])
+            ]
+    return out
+
+
+__all__ = ["Convergence", "compare_rules", "converge", "mean_std_text", "verdict_changes"]

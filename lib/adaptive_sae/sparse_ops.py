@@ -51,6 +51,9 @@ class Workspace:
 
     def __init__(self) -> None:
         self._bufs: dict[str, Tensor] = {}
+        self.hints: dict[str, Tensor] = {}
+        """Small per-run state of the selections (e.g. the last threshold that bounded Mutual
+        Choice's candidates); a hint only speeds a selection up, never changes its result."""
 
     def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> Tensor:
         buf = self._bufs.get(name)
@@ -67,6 +70,7 @@ class Workspace:
 
     def clear(self) -> None:
         self._bufs.clear()
+        self.hints.clear()
 
 
 def _autocast_dtype(device: torch.device, default: torch.dtype) -> torch.dtype:

@@ -5,7 +5,8 @@ Inference (DESIGN §4): one global threshold θ, a running mean of the smallest 
 per batch, applied to every feature: z = ReLU(P)·1[P > θ]. It is stored on every feature of the
 SAE's ``thresholds`` buffer, the JumpReLU form SAELens saves BatchTopK SAEs in.
 
-Selection without a full sort: a threshold t from a strided sample of P such that
+Selection without a full sort: a threshold t (the previous step's, else one from a strided
+sample of P) such that
 C = {P ≥ t} has |C| ≥ K (checked; t is lowered if not), then top-K of C. Exact: an entry
 outside C is < t ≤ every entry of C, and C holds ≥ K entries, so it cannot be in the top K.
 """
@@ -42,42 +43,63 @@ def _coprime_stride(n: int, samples: int, F: int, B: int) -> int:
     return s
 
 
+def _top_of_candidates(flat: Tensor, cand: Tensor, K: int) -> Tensor:
+    """The K largest of flat[cand] (cand ascending, at least K of them): indices, ascending."""
+    if cand.numel() == K:
+        return cand
+    top = flat[cand].topk(K, sorted=False).indices
+    keep = torch.zeros(cand.numel(), dtype=torch.bool, device=flat.device)
+    keep[top] = True
+    return cand[keep]
+
+
 def select_mutual_choice(P: Tensor, budget: int, ws: Workspace | None = None) -> Tensor:
     """The ``budget`` largest entries of the whole (B, F) matrix: flat indices, ascending.
 
-    A threshold from a strided sample bounds the candidates; the count is checked, so the
-    result is the exact top-K (see the module docstring), whatever the sample."""
+    A threshold bounds the candidates: the previous step's (kept in the workspace ``ws``; the
+    affinities drift slowly, so it usually still holds between K and 4K entries) or one from a
+    strided sample. The count is checked, so the result is the exact top-K (module docstring)
+    whatever the threshold."""
     B, F = P.shape
     n, K = B * F, int(budget)
     if not 0 < K <= n:
         raise ConfigError(f"mutual_choice needs 0 < budget <= B*F = {n}, got {K}.")
     flat, fmajor = _flat_storage(P)
-    if n <= 4 * _MC_SAMPLE or K * 8 > n:  # small or dense: a plain topk is as fast
-        idx = flat.topk(K, sorted=False).indices
-    else:
+    rows_of_storage = F if fmajor else B
+    idx = None
+    hint = ws.hints.get("mutual_choice") if ws is not None else None
+    if K * 8 > n:  # dense: a plain topk is as fast
+        idx = sorted_indices(flat.topk(K, sorted=False).indices)
+    elif hint is not None and hint.device == P.device:
+        cand = entries_at_least(flat.view(rows_of_storage, -1), hint, ws)
+        if K <= cand.numel() <= 4 * K:
+            idx = _top_of_candidates(flat, cand, K)
+    if idx is None and n <= 4 * _MC_SAMPLE:  # small: one topk (its K-th value the next hint)
+        top = flat.topk(K, sorted=False)
+        idx = sorted_indices(top.indices)
+        if ws is not None:
+            ws.hints["mutual_choice"] = top.values.min()
+    if idx is None:
         stride = _coprime_stride(n, _MC_SAMPLE, F, B)
         sample = flat[::stride]
         s = sample.numel()
         mean = K / n * s
         r = min(s, int(math.ceil(mean + _MC_MARGIN_SD * math.sqrt(mean) + 8)))
-        idx = None
-        rows_of_storage = F if fmajor else B
         while idx is None:
             t = sample.topk(r, sorted=False).values.min()
             cand = entries_at_least(flat.view(rows_of_storage, -1), t, ws)
             if cand.numel() >= K:
-                top = flat[cand].topk(K, sorted=False).indices
-                keep = torch.zeros(cand.numel(), dtype=torch.bool, device=P.device)
-                keep[top] = True
-                idx = cand[keep]  # ascending
+                idx = _top_of_candidates(flat, cand, K)
+                if ws is not None:
+                    ws.hints["mutual_choice"] = t
             elif r == s:  # the whole sample was not enough (heavy ties or NaN): sort it all
-                idx = flat.topk(K, sorted=False).indices
+                idx = sorted_indices(flat.topk(K, sorted=False).indices)
             else:
                 r = min(s, 4 * r)
     if fmajor:  # f·B + b -> b·F + f
         f = torch.div(idx, B, rounding_mode="floor")
-        idx = (idx - f * B) * F + f
-    return sorted_indices(idx)
+        idx = sorted_indices((idx - f * B) * F + f)
+    return idx
 
 
 class MutualChoice(AllocationRule):

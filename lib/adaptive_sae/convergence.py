@@ -450,4 +450,95 @@ def mean_std_text(table: pd.DataFrame, metrics: Sequence[str] = ("nmse",), digit
     return out
 
 
-__all__ = ["Convergence", "compare_rules", "converge", "mean_std_text", "verdict_changes"]
+def study(
+    source: str,
+    out,
+    *,
+    rules: Sequence[str],
+    k: float,
+    n_features: int,
+    batch_size: int,
+    seeds: Sequence[int],
+    max_tokens: int,
+    start_tokens: int,
+    lrs: Sequence[float],
+    data_tokens: int,
+    eval_tokens: int,
+    synthetic: Mapping[str, Any] | None = None,
+    lm: Mapping[str, Any] | None = None,
+    log: Callable[[str], None] | None = print,
+) -> Convergence:
+    """:func:`converge` on a named source (its training stream and held-out tokens), with the
+    trial cache and the tables (``table``, ``curve``, ``lr_trials``, ``runs``) written
+    atomically under the ``out`` folder: an interrupted study resumes where it stopped."""
+    src = ex.make_source(source, seed=0, synthetic=synthetic, lm=lm)
+    out = Path(out)
+    conv = converge(
+        src,
+        src,
+        rules=rules,
+        k=k,
+        n_features=n_features,
+        batch_size=batch_size,
+        seeds=seeds,
+        max_tokens=max_tokens,
+        start_tokens=start_tokens,
+        lrs=lrs,
+        data_tokens=data_tokens,
+        eval_tokens=eval_tokens,
+        cache_dir=out / "trials",
+        log=log,
+    )
+    for name in ("table", "curve", "lr_trials", "runs"):
+        write_csv(out / f"{name}.csv", getattr(conv, name))
+    return conv
+
+
+__all__ = ["Convergence", "compare_rules", "converge", "mean_std_text", "study", "verdict_changes"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m adaptive_sae.convergence --source synthetic --out DIR [...]``"""
+    import argparse
+
+    p = argparse.ArgumentParser(description=study.__doc__)
+    p.add_argument("--source", default="synthetic")
+    p.add_argument("--out", required=True)
+    p.add_argument("--rules", nargs="+", default=["topk", "mutual_choice", "feature_choice_zipf"])
+    p.add_argument("--k", type=float, default=6)
+    p.add_argument("--n-features", type=int, default=768)
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--max-tokens", type=int, default=2**23)
+    p.add_argument("--start-tokens", type=int, default=2**17)
+    p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
+    p.add_argument("--data-tokens", type=int, default=2**21)
+    p.add_argument("--eval-tokens", type=int, default=16_384)
+    p.add_argument("--synthetic", default="{}", help="JSON of SyntheticConfig fields")
+    p.add_argument("--lm", default="{}", help="JSON of the language-model source's parameters")
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args(argv)
+    ex.use_threads(a.threads)
+    conv = study(
+        a.source,
+        a.out,
+        rules=a.rules,
+        k=a.k,
+        n_features=a.n_features,
+        batch_size=a.batch_size,
+        seeds=a.seeds,
+        max_tokens=a.max_tokens,
+        start_tokens=a.start_tokens,
+        lrs=a.lrs,
+        data_tokens=a.data_tokens,
+        eval_tokens=a.eval_tokens,
+        synthetic=json.loads(a.synthetic),
+        lm=json.loads(a.lm),
+        log=lambda msg: print(msg, flush=True),
+    )
+    print(mean_std_text(conv.table, ("nmse", "dead_pct")).to_string(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -249,7 +249,7 @@ class Trainer:
         codes = P_grad.relu() * mask.view(P.shape)
         return codes @ sae.W_dec + sae.b_dec, P, idx, codes
 
-    def _aux(self, e: Tensor, P: Tensor, x_s: Tensor) -> Tensor:
+    def _aux(self, e: Tensor, P: Tensor, x_s: Tensor, sae=None) -> Tensor:
         tcfg, stats = self.tcfg, self.stats
         if tcfg.aux_loss == "none":
             return x_s.new_zeros(())
@@ -258,7 +258,7 @@ class Trainer:
         else:
             mask, alloc, deficits = stats.underutilised_mask, tcfg.aux_allocation, stats.deficits
         return losses.aux_loss(
-            e, x_s, P, self.sae, mask, alloc, self.k_aux, deficits, comm=self.comm
+            e, x_s, P, sae or self.sae, mask, alloc, self.k_aux, deficits, comm=self.comm
         )
 
     def _fail(self, step: int, what: str) -> None:
@@ -277,86 +277,117 @@ class Trainer:
         """One optimiser step on a batch x (B, d) of raw activations (under data parallelism,
         this rank's (B/W, d) share of the global batch). Returns the history row on logged
         steps (every ``log_every`` and the last), else None."""
-        cfg, tcfg, sae, stats, comm = self.cfg, self.tcfg, self.sae, self.stats, self.comm
-        step, B, B_l = self.steps_done, tcfg.batch_size, self.local_batch_size
-        x = _checked(x, step, B_l, cfg.d_in).to(self.device, torch.float32)
-        bad = (~torch.isfinite(x)).any().double().reshape(1)
-        if comm.sum_(bad).item() > 0:
-            self._fail(step, "the batch holds non-finite activations")
+        x_s, lr = self._begin(x)
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.tcfg.autocast_bf16):
+            x_hat, P, idx, codes = self._forward(x_s)
+            x_hat = x_hat.float()
+            loss, recon, aux = self._losses(x_s, x_hat, P, codes)
+        if self.comm.world == 1 and not bool(torch.isfinite(loss)):
+            self._fail(self.steps_done, f"the loss is {loss.item()}")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.comm.world > 1:
+            self._all_reduce_grads()
+        self.sae.remove_parallel_grad()
+        self._clip_and_update()
+        self.sae.normalize_decoder()
+        return self._after(x_s, x_hat, P, idx, loss, recon, aux, lr)
+
+    # -- the phases of a step (``adaptive_sae.grid`` runs them for many SAEs at once) --
+    def _begin(self, x: Tensor, checked: bool = False) -> tuple[Tensor, float]:
+        """Check the batch, set this step's learning rate; the scaled input x_s and the lr."""
+        cfg, tcfg, comm, step = self.cfg, self.tcfg, self.comm, self.steps_done
+        if not checked:
+            x = _checked(x, step, self.local_batch_size, cfg.d_in).to(self.device, torch.float32)
+            bad = (~torch.isfinite(x)).any()
+            if comm.world > 1:
+                bad = comm.sum_(bad.double().reshape(1)) > 0
+            if bool(bad):
+                self._fail(step, "the batch holds non-finite activations")
         lr = lr_at(step, tcfg.n_steps, self.base_lr, tcfg.warmup_fraction, tcfg.decay_fraction)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        x_s = sae.scale_input(x)
-        with torch.autocast(self.device.type, torch.bfloat16, enabled=tcfg.autocast_bf16):
-            x_hat, P, idx, codes = self._forward(x_s)
-            x_hat = x_hat.float()
-            if comm.world == 1:
-                recon = losses.normalized_mse(x_s, x_hat)
-            else:  # this rank's share of the global NMSE: summed over ranks it is the NMSE
-                recon = (x_s - x_hat).pow(2).sum() / global_variance(x_s, comm).clamp_min(1e-12)
-            aux = self._aux(x_s - x_hat, P, x_s)
-            loss = recon + tcfg.aux_coef * aux
-            penalty = self.rule.penalty(sae, codes, self.rule_state) if codes is not None else None
-            if penalty is not None:
-                loss = loss + penalty / comm.world  # a mean over the global batch
-        if comm.world == 1 and not bool(torch.isfinite(loss)):
-            self._fail(step, f"the loss is {loss.item()}")
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if comm.world > 1:
-            self._all_reduce_grads()
-        sae.remove_parallel_grad()
-        params = list(sae.parameters())
-        if tcfg.grad_clip > 0:
-            gnorm = torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
+        return self.sae.scale_input(x), lr
+
+    def _losses(self, x_s: Tensor, x_hat: Tensor, P: Tensor, codes, sae=None):
+        """(loss, reconstruction NMSE, auxiliary loss) of one step; ``sae`` holds the
+        parameters the loss differentiates (views of stacked ones in a grid)."""
+        tcfg, comm = self.tcfg, self.comm
+        x_hat = x_hat.float()
+        if comm.world == 1:
+            recon = losses.normalized_mse(x_s, x_hat)
+        else:  # this rank's share of the global NMSE: summed over ranks it is the NMSE
+            recon = (x_s - x_hat).pow(2).sum() / global_variance(x_s, comm).clamp_min(1e-12)
+        e = x_s - x_hat
+        aux = self._aux(e, P, x_s) if sae is None else self._aux(e, P, x_s, sae)
+        loss = recon + tcfg.aux_coef * aux
+        penalty = None
+        if codes is not None:
+            penalty = self.rule.penalty(sae or self.sae, codes, self.rule_state)
+        if penalty is not None:
+            loss = loss + penalty / comm.world  # a mean over the global batch
+        return loss, recon, aux
+
+    def _clip_and_update(self) -> None:
+        """Clip the gradient (stop on a non-finite one) and take the optimiser step."""
+        params = list(self.sae.parameters())
+        if self.tcfg.grad_clip > 0:
+            gnorm = torch.nn.utils.clip_grad_norm_(params, self.tcfg.grad_clip)
         else:
             gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
         if not bool(torch.isfinite(gnorm)):
-            self._fail(step, "the gradient is non-finite")
+            self._fail(self.steps_done, "the gradient is non-finite")
         self.opt.step()
-        sae.normalize_decoder()
 
-        # statistics: matches are selected entries with P > 0
-        with torch.no_grad():
-            F = cfg.n_features
-            matched = idx[values_at(P, idx) > 0]
-            stats.update(comm.sum_(torch.bincount(matched % F, minlength=F)), B)
-            if comm.world > 1:  # a rule written for one process need not take comm
-                self.rule.observe(sae, P, idx, stats, step, tcfg, comm=comm)
-            else:
-                self.rule.observe(sae, P, idx, stats, step, tcfg)
-            if (step + 1) % tcfg.zipf_refit_every == 0 or step == 0:
-                stats.refit()
-            else:  # between refits, features that just died join the underutilised set
-                stats.underutilised_mask |= stats.dead_mask
-            n_matched = matched.numel()
-            if comm.world > 1:
-                n_matched = int(comm.sum_(torch.tensor([n_matched], device=P.device)).item())
-            self.rule.after_step(self.rule_state, n_matched, B, cfg, tcfg)
-            every = tcfg.resample_every_tokens
-            if every and ((step + 1) * B) // every > (step * B) // every:
-                n = resample_dead(self, x_s, x_hat)
-                self.rule_state["resampled"] = self.rule_state.get("resampled", 0.0) + n
+    @torch.no_grad()
+    def _after(self, x_s, x_hat, P, idx, loss, recon, aux, lr) -> dict[str, float] | None:
+        """Statistics, the rule's state, the step count and, on logged steps, the history row."""
+        cfg, tcfg, stats, comm = self.cfg, self.tcfg, self.stats, self.comm
+        step, B, B_l, F = self.steps_done, tcfg.batch_size, self.local_batch_size, cfg.n_features
+        # matches are selected entries with P > 0
+        matched = idx[values_at(P, idx) > 0]
+        counts = torch.bincount(matched % F, minlength=F)
+        stats.update(comm.sum_(counts) if comm.world > 1 else counts, B)
+        if comm.world > 1:  # a rule written for one process need not take comm
+            self.rule.observe(self.sae, P, idx, stats, step, tcfg, comm=comm)
+        else:
+            self.rule.observe(self.sae, P, idx, stats, step, tcfg)
+        if (step + 1) % tcfg.zipf_refit_every == 0 or step == 0:
+            stats.refit()
+        else:  # between refits, features that just died join the underutilised set
+            stats.underutilised_mask |= stats.dead_mask
+        n_matched = matched.numel()
+        if comm.world > 1:
+            n_matched = int(comm.sum_(torch.tensor([n_matched], device=P.device)).item())
+        self.rule.after_step(self.rule_state, n_matched, B, cfg, tcfg)
+        every = tcfg.resample_every_tokens
+        if every and ((step + 1) * B) // every > (step * B) // every:
+            n = resample_dead(self, x_s, x_hat)
+            self.rule_state["resampled"] = self.rule_state.get("resampled", 0.0) + n
         self.steps_done += 1
         if self.steps_done % tcfg.log_every and self.steps_done != tcfg.n_steps:
             return None
         l0_tok = torch.bincount(matched // F, minlength=B_l).double()
-        sums = torch.tensor(
-            [loss.item(), recon.item(), float(aux.detach()), l0_tok.sum(), l0_tok.pow(2).sum()],
-            dtype=torch.float64,
-            device=self.device,
-        )
+        sums = torch.stack(
+            [
+                loss.detach().double(),
+                recon.detach().double(),
+                aux.detach().double(),
+                l0_tok.sum(),
+                l0_tok.pow(2).sum(),
+            ]
+        ).tolist()
         if comm.world > 1:  # loss and NMSE are shares of the global ones; aux likewise
-            sums = comm.sum_(sums)
-        l0_mean = float(sums[3] / B)
-        l0_var = max(0.0, float(sums[4] - B * l0_mean**2) / max(1, B - 1))
+            sums = comm.sum_(torch.tensor(sums, dtype=torch.float64, device=self.device)).tolist()
+        l0_mean = sums[3] / B
+        l0_var = max(0.0, (sums[4] - B * l0_mean**2) / max(1, B - 1))
         row = {
             "step": self.steps_done,
             "tokens": self.steps_done * B,
             "lr": lr,
-            "loss": float(sums[0]),
-            "nmse": float(sums[1]),
-            "aux_loss": float(sums[2]) / (1 if comm.world == 1 else comm.world),
+            "loss": sums[0],
+            "nmse": sums[1],
+            "aux_loss": sums[2] / (1 if comm.world == 1 else comm.world),
             **self.rule_state,
             "l0_mean": l0_mean,
             "l0_std": math.sqrt(l0_var),

@@ -1,59 +1,15 @@
-"""The sweep runner on a two-point grid with a tiny stand-in notebook: naming, skipping done
-points, a failing point recorded while the rest run, and aggregation with mean ± std."""
+"""The sweep runner without running anything: point names, parameter kinds checked against the
+notebook before any kernel starts, bad sweep files named with the fix, aggregation (mean ± std).
+The runs themselves (on Ray) are in test_sweep_ray.py."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from pathlib import Path
 
-import nbformat
 import pandas as pd
 import pytest
-import yaml
 from adaptive_sae import results, sweep
-
-STAND_IN_PARAMETERS = """\
-x = 1
-seeds = [0]
-run_name = "quick"
-"""
-
-STAND_IN_BODY = """\
-import pandas as pd
-from adaptive_sae import results
-
-if x == 2:
-    raise RuntimeError("point x=2 fails on purpose")
-out = results.ResultsDir("stand_in", run_name)
-rows = [{"x": x, "seed": s, "rule": r, "value": 10 * x + s + (100 if r == "b" else 0)}
-        for s in seeds for r in ("a", "b")]
-out.save_table("runs", pd.DataFrame(rows))
-out.save_metrics({"value": 10 * x + sum(seeds) / len(seeds), "nested": {"twice": 20 * x}})
-out.save_provenance({"x": x, "seeds": seeds, "run_name": run_name})
-"""
-
-
-def stand_in_notebook(path: Path) -> Path:
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {
-        "name": "python3",
-        "display_name": "Python 3",
-        "language": "python",
-    }
-    params = nbformat.v4.new_code_cell(STAND_IN_PARAMETERS)
-    params.metadata["tags"] = ["parameters"]
-    nb.cells = [params, nbformat.v4.new_code_cell(STAND_IN_BODY)]
-    nbformat.write(nb, path)
-    return path
-
-
-def write_sweep(folder: Path, **spec) -> Path:
-    spec = {"notebook": "stand_in.ipynb", "experiment": "stand_in", **spec}
-    path = folder / f"{spec.pop('file', 'demo')}.yaml"
-    path.write_text(yaml.safe_dump(spec), encoding="utf-8")
-    return path
+from sweep_stand_in import stand_in_notebook, write_sweep
 
 
 @pytest.fixture
@@ -61,9 +17,6 @@ def workdir(tmp_path, monkeypatch):
     monkeypatch.setenv(results.RESULTS_ENV, str(tmp_path / "results"))
     stand_in_notebook(tmp_path / "stand_in.ipynb")
     return tmp_path
-
-
-# ----------------------------------------------------------------------------- no execution
 
 
 def test_point_names_come_from_the_parameters(workdir):
@@ -80,10 +33,10 @@ def test_point_names_come_from_the_parameters(workdir):
 
 def test_all_seeds_in_one_point_and_list_values(workdir):
     s = sweep.load_sweep(
-        write_sweep(workdir, grid={"widths": [[256, 512]]}, seeds=[0, 1, 2], seeds_per_point="all")
+        write_sweep(workdir, grid={"rules": [["a", "b"]]}, seeds=[0, 1, 2], seeds_per_point="all")
     )
     (p,) = s.points()
-    assert p.name == "widths=256-512__seeds=0-1-2"
+    assert p.name == "rules=a-b__seeds=0-1-2"
     assert p.parameters["seeds"] == [0, 1, 2]
 
 
@@ -94,17 +47,6 @@ def test_run_name_is_safe_and_bounded():
     long = results.run_name({f"p{i}": i for i in range(60)})
     assert len(long) <= 120
     assert long != results.run_name({f"p{i}": i + 1 for i in range(60)})
-
-
-def test_shards_partition_the_grid(workdir):
-    s = sweep.load_sweep(write_sweep(workdir, grid={"x": [1, 2, 3]}, seeds=[0, 1]))
-    names = [p.name for p in s.points()]
-    shards = [[p.name for i, p in enumerate(s.points()) if i % 4 == j] for j in range(4)]
-    assert sorted(n for sh in shards for n in sh) == sorted(names)
-    assert sweep.parse_shard("3/4") == (3, 4)
-    for bad in ("4/4", "x", "1/0"):
-        with pytest.raises(sweep.SweepError):
-            sweep.parse_shard(bad)
 
 
 def test_bad_sweep_files_say_what_to_fix(workdir):
@@ -121,6 +63,88 @@ def test_bad_sweep_files_say_what_to_fix(workdir):
         sweep.check_parameters(s)
 
 
+# ----------------------------------------------------------------------------- issue 13, item 11
+
+
+def test_yaml_numbers_read_as_strings_are_converted_before_naming(workdir):
+    # YAML 1.1 reads 3e-3 and 1e4 as strings; the notebook's defaults are numbers.
+    path = workdir / "demo.yaml"
+    path.write_text(
+        "notebook: stand_in.ipynb\nparameters:\n  lr: 3e-3\ngrid:\n  x: [1e4, 2]\n",
+        encoding="utf-8",
+    )
+    s = sweep.load_sweep(path)
+    sweep.check_parameters(s)
+    first, second = s.points()
+    assert first.parameters["lr"] == 0.003 and isinstance(first.parameters["lr"], float)
+    assert first.parameters["x"] == 10000 and isinstance(first.parameters["x"], int)
+    assert (first.name, second.name) == ("x=10000", "x=2")
+
+
+def test_a_string_where_the_notebook_takes_a_list_names_file_point_and_parameter(workdir):
+    s = sweep.load_sweep(write_sweep(workdir, grid={"x": [1, 2]}, parameters={"rules": "b"}))
+    with pytest.raises(sweep.SweepError) as err:
+        sweep.check_parameters(s)
+    message = str(err.value)
+    for part in ("demo.yaml", "point x=1", "rules='b'", "a list", "[b]"):
+        assert part in message, (part, message)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("fast", "a number"), (True, "a number"), ([1], "a number")],
+)
+def test_values_that_cannot_be_numbers_are_rejected(workdir, value, expected):
+    s = sweep.load_sweep(write_sweep(workdir, grid={"x": [value]}))
+    with pytest.raises(sweep.SweepError, match=f"expects {expected}"):
+        sweep.check_parameters(s)
+
+
+def test_list_elements_are_converted_to_the_default_elements_kind():
+    assert sweep.coerce_value(["1e-3", 0.01], [0.003]) == [0.001, 0.01]
+    assert sweep.coerce_value(["4", 8], [4, 8]) == [4, 8]
+    assert sweep.coerce_value(None, [1]) is None  # null stays null
+    with pytest.raises(sweep._Mismatch):
+        sweep.coerce_value(["topk", 3], ["topk", "mutual_choice"])
+
+
+def test_malformed_yaml_is_one_line_naming_file_and_line(workdir, capsys):
+    path = workdir / "broken.yaml"
+    path.write_text("notebook: stand_in.ipynb\ngrid:\n  x: [1, 2\nseeds: [0]\n", encoding="utf-8")
+    with pytest.raises(sweep.SweepError, match=r"broken\.yaml, line \d+, column \d+: not valid"):
+        sweep.load_sweep(path)
+    assert sweep.main([str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "broken.yaml, line" in err[0] and "Traceback" not in err[0]
+
+
+def test_resources_are_checked(workdir):
+    s = sweep.load_sweep(write_sweep(workdir, resources={"num_cpus": 2, "num_gpus": 0.5}))
+    assert s.ray_options() == {"num_cpus": 2, "num_gpus": 0.5} and s.threads == 2
+    assert sweep.load_sweep(write_sweep(workdir)).ray_options() == {"num_cpus": 1}
+    for bad, match in (
+        ({"cpus": 1}, "resources takes"),
+        ({"num_cpus": "1"}, "must be a number"),
+        ({"num_gpus": -1}, "must be a number"),
+        (4, "must be a mapping"),
+    ):
+        with pytest.raises(sweep.SweepError, match=match):
+            sweep.load_sweep(write_sweep(workdir, resources=bad))
+
+
+def test_the_removed_shard_option_points_to_ray(workdir, capsys):
+    with pytest.raises(SystemExit):
+        sweep.main([str(write_sweep(workdir)), "--shard", "0/2"])
+    assert "--address" in capsys.readouterr().err
+
+
+def test_claim_of_a_failing_cell():
+    assert sweep._claim("# 4. Mutual Choice captures the most\nassert a >= b") == (
+        "4. Mutual Choice captures the most"
+    )
+    assert sweep._claim("x = 1\nassert x") == "x = 1"
+
+
 def test_mean_std_aggregation():
     df = pd.DataFrame(
         {"rule": ["a", "a", "b"], "seed": [0, 1, 0], "nmse": [0.1, 0.3, 0.5], "l0": [4, 4, 6]}
@@ -132,81 +156,3 @@ def test_mean_std_aggregation():
     assert "seed_mean" not in out.columns
     assert results.format_mean_std(0.2, 0.14142) == "0.2 ± 0.14"
     assert results.format_mean_std(0.5, float("nan")) == "0.5"
-
-
-# ----------------------------------------------------------------------------- execution
-
-
-def test_two_point_sweep_runs_skips_records_failures_and_aggregates(workdir, capsys):
-    # Two points (x=1, x=2), each running seeds 0 and 1; the x=2 point fails on purpose.
-    spec = write_sweep(
-        workdir,
-        grid={"x": [1, 2]},
-        seeds=[0, 1],
-        seeds_per_point="all",
-        aggregate={"table": "runs", "by": ["rule"]},
-    )
-    code = sweep.main([str(spec), "--jobs", "2", "--no-progress"])
-    assert code == 1, "a failed point must make the command fail at the end"
-    assert "2 points: 1 done, 0 skipped, 1 failed" in capsys.readouterr().out
-
-    s = sweep.load_sweep(spec)
-    ok, bad = s.points()
-    assert (ok.name, bad.name) == ("x=1__seeds=0-1", "x=2__seeds=0-1")
-    assert s.is_done(ok) and not s.is_done(bad)
-    assert s.notebook_output(ok).is_file() and s.notebook_output(bad).is_file()
-    failed = json.loads(s.failed_marker(bad).read_text())
-    assert "fails on purpose" in failed["error"]
-    assert not s.done_marker(bad).exists()
-
-    # The notebook received the injected parameters and wrote where the run name says.
-    prov = json.loads((s.point_results(ok) / "provenance.json").read_text())
-    assert prov["parameters"] == {"x": 1, "seeds": [0, 1], "run_name": "demo/x=1__seeds=0-1"}
-    assert prov["git"].keys() >= {"commit", "dirty"} and prov["packages"]["torch"]
-
-    # Aggregation: mean ± std over the two seeds of the done point, per rule.
-    agg_dir = workdir / "results" / "stand_in" / "demo"
-    summary = pd.read_csv(agg_dir / "summary.csv")
-    assert list(summary["x"]) == [1, 1] and list(summary["rule"]) == ["a", "b"]
-    row = summary.set_index("rule").loc["a"]
-    assert row["value_mean"] == pytest.approx(10.5)
-    assert row["value_std"] == pytest.approx(math.sqrt(0.5))
-    assert row["n"] == 2
-    assert "10.5 ± 0.71" in (agg_dir / "summary.md").read_text()
-    status = pd.read_csv(agg_dir / "status.csv").set_index("point")
-    assert status.loc["x=2__seeds=0-1", "status"] == "failed"
-    assert status.loc["x=1__seeds=0-1", "status"] == "done"
-
-    # Second invocation: the done point is skipped (not re-executed), the failed one retried.
-    before = s.done_marker(ok).stat().st_mtime_ns
-    assert sweep.main([str(spec), "--no-progress"]) == 1
-    assert "2 points: 0 done, 1 skipped, 1 failed" in capsys.readouterr().out
-    assert s.done_marker(ok).stat().st_mtime_ns == before
-
-    # A point whose parameters changed in the sweep file is stale again.
-    changed = sweep.load_sweep(
-        write_sweep(
-            workdir, grid={"x": [1]}, seeds=[0, 1], seeds_per_point="all", parameters={"extra": 1}
-        )
-    )
-    assert changed.points()[0].name == "x=1__seeds=0-1" and not changed.is_done(changed.points()[0])
-
-    # So is a point whose notebook changed.
-    assert s.is_done(ok)
-    nb = nbformat.read(s.notebook, as_version=4)
-    nb.cells.append(nbformat.v4.new_markdown_cell("An edit."))
-    nbformat.write(nb, s.notebook)
-    assert not s.is_done(ok)
-
-
-def test_points_per_seed_aggregate_their_metrics(workdir, capsys):
-    spec = write_sweep(workdir, file="per_seed", grid={"x": [3]}, seeds=[4, 6])
-    assert sweep.main([str(spec), "--no-progress"]) == 0
-    assert "2 points: 2 done" in capsys.readouterr().out
-    summary = pd.read_csv(workdir / "results" / "stand_in" / "per_seed" / "summary.csv")
-    assert list(summary["x"]) == [3] and list(summary["n"]) == [2]
-    assert summary.loc[0, "value_mean"] == 35 and summary.loc[0, "value_std"] == pytest.approx(
-        math.sqrt(2), rel=1e-6
-    )
-    assert summary.loc[0, "nested.twice_mean"] == 60
-    assert os.path.isfile(workdir / "per_seed" / "x=3__seed=6.done.json")

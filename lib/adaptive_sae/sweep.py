@@ -1,4 +1,4 @@
-"""Run a notebook over a parameter grid with papermill, and aggregate the points.
+"""Run a notebook over a parameter grid with papermill on Ray, and aggregate the points.
 
 A sweep is a YAML file (``papermill_runs/<sweep>.yaml``)::
 
@@ -10,54 +10,76 @@ A sweep is a YAML file (``papermill_runs/<sweep>.yaml``)::
       input_scaling: [global, per_token]
     seeds: [0, 1, 2]
     seeds_per_point: 1                 # 1: one point per seed; all: every seed in one point
+    resources: {num_cpus: 1, num_gpus: 0}   # what each point asks of Ray (default: 1 CPU)
     aggregate:                         # optional: a tidy table each point writes
       table: runs                      # results/<experiment>/<run_name>/runs.csv
       by: [rule]                       # its columns that identify a row (besides seed)
 
 and one command runs it::
 
-    python -m adaptive_sae.sweep papermill_runs/<sweep>.yaml [--jobs N] [--shard I/N]
+    python -m adaptive_sae.sweep papermill_runs/<sweep>.yaml [--jobs N] [--address HOST:PORT]
 
-Each point is named from its parameters (``input_scaling=global__seed=0``). Papermill
-executes the notebook with the point's parameters and ``run_name = "<sweep>/<point>"``
-injected, into ``papermill_runs/<sweep>/<point>.ipynb``; the notebook writes its results to
-``results/<experiment>/<sweep>/<point>/``. After a point succeeds, a done marker
-(``<point>.done.json``, written atomically, recording the parameters) makes later invocations
-skip it; a point whose parameters changed is run again. A failing point leaves
-``<point>.failed.json`` (the error and the tail of the log) and the other points still run.
+Every point is a Ray task. Without ``--address`` the command starts a small local Ray instance
+with ``--jobs`` points' worth of CPUs and stops it at the end; with ``--address`` it joins a
+cluster started by ``ray start`` (each node: the same checkout and environment). ``resources``
+takes Ray's ``num_cpus``, ``num_gpus``, ``memory`` (bytes) and ``resources`` (custom ones); the
+kernel of a point gets ``num_cpus`` threads.
+
+Each point is named from its parameters (``input_scaling=global__seed=0``). Before anything
+runs, every parameter is checked against the notebook's parameters cell: an unknown name, or a
+value of the wrong kind (a string where the notebook's default is a number or a list), fails at
+once naming the file, the point and the parameter; numbers that YAML reads as strings
+(``3e-3``) are converted. The worker executes the notebook with papermill, with
+``run_name = "<sweep>/<point>"`` injected, in a temporary folder, and returns the executed
+notebook and every results file as bytes; the driver writes them atomically
+(``results/<experiment>/<sweep>/<point>/`` and ``papermill_runs/<sweep>/<point>.ipynb``), so
+workers need no shared file system. Then, last, a done marker (``<point>.done.json``, recording
+the parameters and the notebook's hash) makes later invocations skip the point; a point whose
+parameters or notebook changed runs again. A point whose worker process or kernel dies (killed,
+out of memory, a node lost) is retried, ``--retries`` times (default 3); a point whose notebook
+raises leaves ``<point>.failed.json`` naming the failing cell (a claim's first comment line) and
+the error, and the other points still run. Ctrl-C stops the sweep at once: running points are
+cancelled and stay not done, and the same command resumes.
 
 Finally every done point is aggregated into one table per sweep,
 ``results/<experiment>/<sweep>/summary.csv`` (mean, std and number of seeds for each metric,
 grouped by the grid parameters and the ``aggregate.by`` columns), with a Markdown copy that
 spells each cell as ``mean ± std`` and ``status.csv`` listing every point.
-
-``--shard I/N`` (I in 0..N-1) runs every N-th point, for a cluster job array; run
-``--aggregate-only`` once all shards are done. ``--jobs N`` runs N points at once on one machine
-(each kernel then gets ``cpu_count // N`` threads).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
 import itertools
 import json
+import logging
+import math
 import os
-import subprocess
+import shutil
+import signal
+import socket
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from . import results as _results
 
 RUN_NAME_PARAMETER = "run_name"
 """The notebook parameter that names the run (its results folder)."""
+
+DEFAULT_RETRIES = 3
+"""How many times a point whose worker or kernel died is run again before it counts as failed."""
+
+DEFAULT_RESOURCES: dict[str, Any] = {"num_cpus": 1}
+"""What a point asks of Ray when its sweep names no ``resources``."""
+
+_RESOURCE_KEYS = {"num_cpus", "num_gpus", "memory", "resources"}
 
 _KNOWN_KEYS = {
     "name",
@@ -72,11 +94,106 @@ _KNOWN_KEYS = {
     "seed_parameter",
     "aggregate",
     "timeout",
+    "resources",
 }
+
+_WORKDIR_PREFIX = "adaptive_sae_point-"
+"""Temporary folders of running points: ``<prefix><worker pid>-<random>``."""
+
+_NO_DEFAULT = object()
+"""A notebook parameter whose default is an expression, not a literal: any value goes."""
 
 
 class SweepError(ValueError):
     """A sweep file is invalid; the message names the value and the fix."""
+
+
+class KernelDied(RuntimeError):
+    """The notebook's kernel died (killed, out of memory): the point is run again."""
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) stopped the sweep; ``outcomes`` holds what finished before."""
+
+    def __init__(self, outcomes: dict[str, list[Outcome]], not_done: list[str]):
+        super().__init__("sweep interrupted")
+        self.outcomes = outcomes
+        self.not_done = not_done
+
+
+# ----------------------------------------------------------------------------- parameter types
+
+
+class _Mismatch(Exception):
+    def __init__(self, expected: str, fix: str):
+        super().__init__(expected)
+        self.expected, self.fix = expected, fix
+
+
+def _kind(value: Any) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a float", str: "a string"}
+    names.update({list: "a list", dict: "a mapping", type(None): "null"})
+    return names.get(type(value), type(value).__name__)
+
+
+def _number_from_text(text: str, integer: bool) -> int | float:
+    try:
+        number = float(text.strip())
+    except ValueError:
+        raise _Mismatch("a number", "write a number, e.g. 3.0e-3 or 0.003") from None
+    return int(number) if integer and number.is_integer() else number
+
+
+def coerce_value(value: Any, default: Any) -> Any:
+    """``value`` converted to the kind of the notebook's ``default`` where that is unambiguous
+    (a number YAML read as a string, like ``3e-3``); raises ``_Mismatch`` where it is not."""
+    if default is _NO_DEFAULT or default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch("true or false", "write true or false")
+    if isinstance(default, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise _Mismatch("a number", "write a single number")
+        if isinstance(value, str):
+            return _number_from_text(value, integer=isinstance(default, int))
+        return value
+    if isinstance(default, str):
+        if isinstance(value, str):
+            return value
+        raise _Mismatch("a string", f"write a string (quote it: '{value}')")
+    if isinstance(default, (list, tuple)):
+        if not isinstance(value, list):
+            raise _Mismatch("a list", f"write it as a list: [{value}]")
+        element = default[0] if default else _NO_DEFAULT
+        if default and any(type(d) is not type(element) for d in default):
+            element = _NO_DEFAULT  # a mixed default says nothing about its elements
+        try:
+            return [coerce_value(v, element) for v in value]
+        except _Mismatch as bad:
+            raise _Mismatch(f"a list of items that are each {bad.expected}", bad.fix) from None
+    if isinstance(default, dict):
+        if isinstance(value, dict):
+            return value
+        raise _Mismatch("a mapping", "write a mapping {name: value}")
+    return value
+
+
+def notebook_defaults(notebook: str | os.PathLike) -> dict[str, tuple[Any, str]]:
+    """Each parameter of the notebook's parameters cell: (its default value, its source text).
+    Reads the file only; starts no kernel."""
+    import papermill
+
+    out: dict[str, tuple[Any, str]] = {}
+    for name, info in papermill.inspect_notebook(str(notebook)).items():
+        text = str(info.get("default", ""))
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            value = _NO_DEFAULT
+        out[name] = (value, text)
+    return out
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -124,6 +241,10 @@ class Sweep:
     aggregate: dict[str, Any] = field(default_factory=dict)
     timeout: float | None = None
     description: str = ""
+    resources: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_RESOURCES))
+    """What each point asks of Ray: ``num_cpus``, ``num_gpus``, ``memory``, ``resources``."""
+    defaults: dict[str, tuple[Any, str]] | None = None
+    """The notebook's parameters (default value, source text); None: not read yet."""
 
     @property
     def output_dir(self) -> Path:
@@ -133,8 +254,32 @@ class Sweep:
     def results_dir(self) -> Path:
         return _results.results_root() / self.experiment / self.name
 
+    @property
+    def threads(self) -> int:
+        """CPU threads of a point's kernel: its ``num_cpus``, at least one."""
+        return max(1, int(self.resources.get("num_cpus", 1)))
+
+    def _coerced(self, raw_name: str, params: dict[str, Any]) -> dict[str, Any]:
+        if self.defaults is None:
+            self.defaults = notebook_defaults(self.notebook)
+        out = dict(params)
+        for key, value in params.items():
+            if key not in self.defaults:
+                continue  # check_parameters names undeclared parameters
+            default, text = self.defaults[key]
+            try:
+                out[key] = coerce_value(value, default)
+            except _Mismatch as bad:
+                raise SweepError(
+                    f"{self.path.name}: point {raw_name}: {key}={value!r} is {_kind(value)}, "
+                    f"but {self.notebook.name} expects {bad.expected} (its default is {text}); "
+                    f"{bad.fix} in the sweep file."
+                ) from None
+        return out
+
     def points(self) -> list[Point]:
-        """Every point of the grid, in a deterministic order."""
+        """Every point of the grid, in a deterministic order, with its values converted to the
+        kinds the notebook's parameters cell declares."""
         keys = list(self.grid)
         combos = [dict(zip(keys, values)) for values in itertools.product(*self.grid.values())]
         bases = self.points_list or [{}]
@@ -151,8 +296,11 @@ class Sweep:
         for base in bases:
             for combo in combos:
                 for group in seed_groups:
-                    labels = {**base, **combo}
-                    params = {**self.parameters, **labels}
+                    raw = {**base, **combo}
+                    params = self._coerced(
+                        _results.run_name(raw) if raw else "default", {**self.parameters, **raw}
+                    )
+                    labels = {k: params[k] for k in raw}
                     if group is not None:
                         params[self.seed_parameter] = group
                         one = self.seeds_per_point == 1
@@ -192,6 +340,10 @@ class Sweep:
             return False
         return recorded == point.fingerprint(self.notebook)
 
+    def ray_options(self) -> dict[str, Any]:
+        """The resources part of the Ray task options of one point."""
+        return {k: v for k, v in self.resources.items() if k in _RESOURCE_KEYS}
+
 
 def _resolve_notebook(raw: str, yaml_path: Path) -> Path:
     candidates = [yaml_path.parent / raw]
@@ -207,14 +359,61 @@ def _resolve_notebook(raw: str, yaml_path: Path) -> Path:
     )
 
 
-def load_sweep(path: str | os.PathLike) -> Sweep:
-    """Parse and check a sweep YAML file."""
+def _read_yaml(path: Path) -> Any:
     import yaml
 
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SweepError(
+            f"{path}{where}: not valid YAML ({problem}); fix the syntax there."
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise SweepError(f"{path}: not UTF-8 text ({exc.reason}); save it as UTF-8.") from None
+
+
+def _check_resources(raw: Any, path: Path) -> dict[str, Any]:
+    if raw is None:
+        return dict(DEFAULT_RESOURCES)
+    fix = "e.g. resources: {num_cpus: 1, num_gpus: 0}"
+    if not isinstance(raw, dict):
+        raise SweepError(f"{path.name}: resources={raw!r} must be a mapping; {fix}.")
+    unknown = set(raw) - _RESOURCE_KEYS
+    if unknown:
+        raise SweepError(
+            f"{path.name}: resources takes {sorted(_RESOURCE_KEYS)}, not {sorted(unknown)}; {fix}."
+        )
+
+    def amount(label: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise SweepError(
+                f"{path.name}: {label}={value!r} must be a number >= 0 (written without "
+                f"quotes); {fix}."
+            )
+        return value
+
+    out = {**DEFAULT_RESOURCES, **raw}
+    for key in ("num_cpus", "num_gpus", "memory"):
+        if key in out:
+            amount(f"resources.{key}", out[key])
+    custom = out.get("resources")
+    if custom is not None:
+        if not isinstance(custom, dict):
+            raise SweepError(f"{path.name}: resources.resources must map names to amounts.")
+        for name, value in custom.items():
+            amount(f"resources.resources.{name}", value)
+    return out
+
+
+def load_sweep(path: str | os.PathLike) -> Sweep:
+    """Parse and check a sweep YAML file."""
     path = Path(path)
     if not path.is_file():
         raise SweepError(f"sweep file {str(path)!r} does not exist.")
-    spec = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    spec = _read_yaml(path) or {}
     if not isinstance(spec, dict):
         raise SweepError(f"{path.name}: the file must be a mapping with at least 'notebook'.")
     unknown = set(spec) - _KNOWN_KEYS
@@ -230,6 +429,9 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
     for label, value in (("name", name), ("experiment", experiment)):
         if _results._SAFE.search(value):
             raise SweepError(f"{path.name}: {label}={value!r} may only use [A-Za-z0-9._=+-].")
+    for section in ("parameters", "grid"):
+        if not isinstance(spec.get(section) or {}, dict):
+            raise SweepError(f"{path.name}: '{section}' must be a mapping of name: value.")
     parameters = dict(spec.get("parameters") or {})
     grid = dict(spec.get("grid") or {})
     for key, values in grid.items():
@@ -237,8 +439,8 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
             raise SweepError(
                 f"{path.name}: grid.{key} must be a non-empty list of values, got {values!r}."
             )
-    points_list = list(spec.get("points") or [])
-    if any(not isinstance(p, dict) for p in points_list):
+    points_list = spec.get("points") or []
+    if not isinstance(points_list, list) or any(not isinstance(p, dict) for p in points_list):
         raise SweepError(f"{path.name}: 'points' must be a list of mappings.")
     seeds = spec.get("seeds")
     if seeds is not None:
@@ -265,6 +467,10 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
     if set(aggregate) - {"table", "by", "metrics"}:
         raise SweepError(f"{path.name}: aggregate takes only table, by and metrics.")
     timeout = spec.get("timeout")
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0
+    ):
+        raise SweepError(f"{path.name}: timeout={timeout!r} must be seconds (a number > 0).")
     return Sweep(
         name=name,
         path=path.resolve(),
@@ -279,28 +485,167 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
         aggregate=aggregate,
         timeout=float(timeout) if timeout else None,
         description=str(spec.get("description", "")),
+        resources=_check_resources(spec.get("resources"), path),
     )
 
 
 def check_parameters(sweep: Sweep) -> None:
-    """Fail before running anything when the sweep sets a parameter the notebook lacks."""
-    import papermill
-
-    declared = set(papermill.inspect_notebook(str(sweep.notebook)))
+    """Fail before running anything when the sweep sets a parameter the notebook lacks, or a
+    value of a kind its parameters cell does not take."""
+    sweep.defaults = notebook_defaults(sweep.notebook)
+    declared = set(sweep.defaults)
     if not declared:
         raise SweepError(
             f"{sweep.notebook.name} has no cell tagged 'parameters'; papermill needs one."
         )
-    injected = {k for point in sweep.points() for k in point.parameters}
+    injected = set(sweep.parameters) | set(sweep.grid) | {k for p in sweep.points_list for k in p}
+    injected |= {RUN_NAME_PARAMETER} | ({sweep.seed_parameter} if sweep.seeds else set())
     missing = sorted(injected - declared)
     if missing:
         raise SweepError(
             f"sweep {sweep.name!r} sets {missing}, which {sweep.notebook.name} does not "
             f"declare in its parameters cell (it has {sorted(declared)}); fix the sweep file."
         )
+    sweep.points()  # converts or rejects every value, naming the point
 
 
-# ----------------------------------------------------------------------------- running
+# ----------------------------------------------------------------------------- the worker side
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_workdirs() -> None:
+    """Temporary folders left by workers that were killed (their pid is gone)."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{_WORKDIR_PREFIX}*"):
+        pid = folder.name[len(_WORKDIR_PREFIX) :].split("-")[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _node_id() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - outside Ray (a direct call): no node
+        return None
+
+
+def _claim(source: str) -> str:
+    """What a failing cell is about: its first comment line (claim cells start with one), else
+    its first line."""
+    lines = [ln.strip() for ln in source.splitlines() if ln.strip()]
+    for ln in lines:
+        if ln.startswith("#"):
+            return ln.lstrip("#").strip()
+    return lines[0] if lines else ""
+
+
+def _strip_ansi(text: str) -> str:
+    import re
+
+    return re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text)
+
+
+def execute_point(
+    notebook_name: str,
+    notebook_bytes: bytes,
+    parameters: dict[str, Any],
+    timeout: float | None = None,
+    threads: int = 1,
+    notebook_dir: str | None = None,
+) -> dict[str, Any]:
+    """Run on a worker: execute the notebook with papermill in a temporary folder (its results
+    root included) and return the executed notebook and every results file as bytes, with the
+    error of a failing cell. A dying kernel raises :class:`KernelDied` so that Ray runs the point
+    again; the kernel, a child of this process, exits by itself when this process is killed.
+    The kernel runs in ``notebook_dir`` (the notebook's folder in the driver's checkout) where
+    this machine has it, else in the temporary folder."""
+    import papermill
+    from nbclient.exceptions import DeadKernelError
+    from papermill.exceptions import PapermillExecutionError
+
+    _remove_stale_workdirs()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=f"{_WORKDIR_PREFIX}{os.getpid()}-") as tmp:
+        folder = Path(tmp)
+        source, executed, root = folder / notebook_name, folder / "executed.ipynb", folder / "out"
+        source.write_bytes(notebook_bytes)
+        env = {
+            _results.RESULTS_ENV: str(root),
+            "MPLBACKEND": "Agg",
+            "OMP_NUM_THREADS": str(threads),
+            "MKL_NUM_THREADS": str(threads),
+        }
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        error = log = None
+        try:
+            papermill.execute_notebook(
+                str(source),
+                str(executed),
+                parameters=parameters,
+                kernel_name="python3",
+                progress_bar=False,
+                cwd=notebook_dir if notebook_dir and os.path.isdir(notebook_dir) else str(folder),
+                execution_timeout=timeout,
+                request_save_on_cell_execute=True,
+            )
+        except PapermillExecutionError as exc:
+            claim = _claim(exc.source)
+            where = f"cell [{exc.exec_count}]" + (f" ({claim})" if claim else "")
+            error = f"{where} failed: {exc.ename}: {_strip_ansi(str(exc.evalue))}".strip()
+            log = _strip_ansi("\n".join(exc.traceback))
+        except DeadKernelError as exc:
+            raise KernelDied(
+                f"the kernel died on {socket.gethostname()} ({exc}); killed, or out of memory"
+            ) from None
+        except Exception as exc:  # a timeout, a kernel that does not start: the point fails
+            error = f"{type(exc).__name__}: {_strip_ansi(str(exc)).strip()[:500]}"
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        files = {}
+        if error is None and root.is_dir():
+            files = {
+                p.relative_to(root).as_posix(): p.read_bytes()
+                for p in sorted(root.rglob("*"))
+                if p.is_file()
+            }
+        return {
+            "error": error,
+            "log": log,
+            "notebook": _portable(executed, notebook_name) if executed.is_file() else None,
+            "files": files,
+            "seconds": time.perf_counter() - start,
+            "host": socket.gethostname(),
+            "node": _node_id(),
+        }
+
+
+def _portable(executed: Path, notebook_name: str) -> bytes:
+    """The executed notebook without this worker's temporary paths in its papermill record."""
+    import nbformat
+
+    nb = nbformat.read(executed, as_version=4)
+    record = nb.metadata.get("papermill", {})
+    record["input_path"] = notebook_name
+    record["output_path"] = None
+    return nbformat.writes(nb).encode("utf-8")
+
+
+# ----------------------------------------------------------------------------- the driver side
 
 
 @dataclass
@@ -315,40 +660,19 @@ def _tail(text: str, n: int = 40) -> str:
     return "\n".join(text.strip().splitlines()[-n:])
 
 
-def run_point(sweep: Sweep, point: Point, threads: int | None = None) -> Outcome:
-    """Execute one point with papermill in a subprocess; write the done or failed marker."""
-    sweep.output_dir.mkdir(parents=True, exist_ok=True)
-    out_nb = sweep.notebook_output(point)
-    done, failed = sweep.done_marker(point), sweep.failed_marker(point)
-    for stale in (done, failed):
-        stale.unlink(missing_ok=True)
-    fd, params_file = tempfile.mkstemp(
-        prefix=f".{point.name}.", suffix=".yaml", dir=sweep.output_dir
-    )
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(_results.to_jsonable(point.parameters), fh)  # JSON is YAML
-    cmd = [
-        sys.executable, "-m", "papermill", str(sweep.notebook), str(out_nb),
-        "-f", params_file, "--cwd", str(sweep.notebook.parent), "-k", "python3",
-        "--no-progress-bar", "--log-level", "WARNING", "--request-save-on-cell-execute",
-    ]  # fmt: skip
-    if sweep.timeout:
-        cmd += ["--execution-timeout", str(int(sweep.timeout))]
-    env = dict(os.environ)
-    env[_results.RESULTS_ENV] = str(_results.results_root())
-    if threads is not None:
-        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            env.setdefault(var, str(threads))
-    env.setdefault("MPLBACKEND", "Agg")
-    start = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        returncode, log = proc.returncode, proc.stdout + proc.stderr
-    except OSError as exc:  # pragma: no cover - the interpreter itself is missing
-        returncode, log = -1, repr(exc)
-    finally:
-        os.unlink(params_file)
-    seconds = time.perf_counter() - start
+def _safe_relative(name: str) -> PurePosixPath:
+    rel = PurePosixPath(name)
+    if rel.is_absolute() or not rel.parts or ".." in rel.parts:
+        raise SweepError(f"a worker returned the file {name!r}, outside the results folder.")
+    return rel
+
+
+def write_outcome(
+    sweep: Sweep, point: Point, result: Mapping[str, Any] | None, error: str | None, seconds: float
+) -> Outcome:
+    """The driver's half of a point: write what the worker returned, atomically, and the done
+    marker last (so a point is done only once all its outputs are on disk), or the failed
+    marker."""
     record = {
         "sweep": sweep.name,
         "point": point.name,
@@ -356,124 +680,220 @@ def run_point(sweep: Sweep, point: Point, threads: int | None = None) -> Outcome
         "labels": point.labels,
         "fingerprint": point.fingerprint(sweep.notebook),
         "seconds": round(seconds, 2),
-        "notebook": out_nb.name,
+        "notebook": sweep.notebook_output(point).name,
+        "host": (result or {}).get("host"),
+        "node": (result or {}).get("node"),
         "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    if returncode == 0:
+    done, failed = sweep.done_marker(point), sweep.failed_marker(point)
+    done.unlink(missing_ok=True)  # not done while its files are being replaced
+    if error is None and result is not None:
+        root = _results.results_root()
+        for name, data in result["files"].items():
+            _results.atomic_write_bytes(root / _safe_relative(name), data)
+    if result is not None and result.get("notebook") is not None:
+        _results.atomic_write_bytes(sweep.notebook_output(point), result["notebook"])
+    if error is None:
+        failed.unlink(missing_ok=True)
         _results.write_json(done, record)
         return Outcome(point, "done", seconds)
-    error = _summarise_error(log) or f"papermill exited with status {returncode}"
-    _results.write_json(
-        failed, {**record, "returncode": returncode, "error": error, "log_tail": _tail(log)}
-    )
+    log = _tail((result or {}).get("log") or "")
+    _results.write_json(failed, {**record, "error": error, "log_tail": log})
     return Outcome(point, "failed", seconds, error)
 
 
-def _summarise_error(log: str) -> str:
-    """The most telling line of a papermill failure (the exception of the failing cell)."""
-    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        if ("Error" in ln or "Exception" in ln) and not ln.startswith(("File ", "Traceback")):
-            return ln[:500]
-    return lines[-1][:500] if lines else ""
+def _task_error(exc: BaseException, retries: int) -> str:
+    """One line for a point Ray gave up on."""
+    import ray.exceptions as rex
+
+    cause = getattr(exc, "cause", None) or exc
+    if isinstance(cause, KernelDied):
+        return f"{cause} (run {retries + 1} times)"
+    if isinstance(exc, rex.WorkerCrashedError):
+        return f"its worker process died {retries + 1} times (killed, or out of memory)"
+    if isinstance(exc, rex.NodeDiedError):
+        return f"its node left the Ray cluster (run {retries + 1} times)"
+    if isinstance(exc, rex.OutOfMemoryError):
+        return f"Ray stopped it for lack of memory {retries + 1} times: {str(exc).splitlines()[0]}"
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[-1] if text else ''}"[:500]
 
 
-def parse_shard(text: str | None) -> tuple[int, int]:
-    """``"I/N"`` -> (I, N) with 0 <= I < N."""
-    if not text:
-        return 0, 1
+def _auth_token_available() -> bool:
+    """A Ray cluster token is at hand (``ray start`` writes one to ``~/.ray/auth_token``)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token"
+    return Path(path).is_file()
+
+
+def _connect(address: str | None, cpus: int) -> bool:
+    """Join the cluster at ``address``, or start a small local instance; True when this call
+    connected (and the caller disconnects at the end)."""
+    if address and "ray" not in sys.modules and _auth_token_available():
+        # `ray start` clusters use token authentication by default, and Ray reads the mode
+        # when it is imported; a driver given an address must say that it has the token
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    if ray.is_initialized():
+        return False
+    quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
     try:
-        i, n = (int(x) for x in text.split("/"))
-    except ValueError as exc:
-        raise SweepError(f"--shard {text!r}: write I/N, e.g. 0/4 (I counts from 0).") from exc
-    if n < 1 or not 0 <= i < n:
-        raise SweepError(f"--shard {text!r}: need N >= 1 and 0 <= I < N (I counts from 0).")
-    return i, n
+        if address:
+            ray.init(address=address, **quiet)
+        else:
+            ray.init(
+                address="local",
+                num_cpus=cpus,
+                include_dashboard=False,
+                object_store_memory=256 * 2**20,
+                **quiet,
+            )
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = f"--address {address}" if address else "a local Ray instance"
+        raise SweepError(
+            f"{where}: Ray did not start or answer ({str(exc).strip().splitlines()[0]}); "
+            + (
+                "start the cluster with `ray start --head` (and give this machine its token, "
+                "see `ray get-auth-token`) or leave out --address."
+                if address
+                else "see `ray status`."
+            )
+        ) from None
+    return True
+
+
+def _check_fits(sweeps: Sequence[Sweep]) -> None:
+    """Every point must fit on some node, or Ray would wait for it forever."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    for sweep in sweeps:
+        asked = {"CPU": sweep.resources.get("num_cpus", 1), "GPU": sweep.resources.get("num_gpus")}
+        asked["memory"] = sweep.resources.get("memory")
+        asked.update(sweep.resources.get("resources") or {})
+        asked = {k: v for k, v in asked.items() if v}
+        if not any(all(node.get(k, 0) >= v for k, v in asked.items()) for node in nodes):
+            have = [{k: node.get(k, 0) for k in asked} for node in nodes]
+            raise SweepError(
+                f"{sweep.path.name}: each point asks for {asked}, which no node of the Ray "
+                f"cluster has (its nodes: {have}); lower 'resources' in the sweep file, raise "
+                f"--jobs for a local instance, or add a node (ray start --address ...)."
+            )
+
+
+def _label(sweeps: Sequence[Sweep], sweep: Sweep, p: Point) -> str:
+    return p.name if len(sweeps) == 1 else f"{sweep.name}/{p.name}"
 
 
 def run_sweeps(
     sweeps: Sequence[Sweep],
     *,
     jobs: int = 1,
-    shard: tuple[int, int] = (0, 1),
+    address: str | None = None,
+    retries: int = DEFAULT_RETRIES,
     force: bool = False,
     progress: bool = True,
     aggregate_after: bool = True,
 ) -> dict[str, list[Outcome]]:
-    """Run every point of these sweeps that belongs to this shard and is not done, ``jobs`` at
-    a time (points of different sweeps share the pool), under one progress bar; aggregate each
-    sweep; return the outcomes per sweep name, in grid order.
+    """Run every point of these sweeps that is not done as a Ray task, write each result as it
+    arrives, aggregate each sweep; return the outcomes per sweep name, in grid order.
 
-    The shard takes every N-th point of the sweeps' points listed one sweep after the other."""
+    ``address``: a Ray cluster to join (``HOST:PORT``); None starts a local instance with
+    ``jobs`` times the largest ``num_cpus`` a point asks for (an already initialised Ray is
+    used as it is). ``retries``: runs of a point whose worker or kernel died, beyond the first.
+    Ctrl-C cancels the running points and raises :class:`SweepInterrupted`."""
     from tqdm.auto import tqdm
 
     for sweep in sweeps:
         check_parameters(sweep)
-    listed = [(sweep, p) for sweep in sweeps for p in sweep.points()]
-    index, count = shard
-    mine = [pair for i, pair in enumerate(listed) if i % count == index]
     outcomes: dict[str, list[Outcome]] = {sweep.name: [] for sweep in sweeps}
     todo: list[tuple[Sweep, Point]] = []
-    for sweep, p in mine:
-        if not force and sweep.is_done(p):
-            outcomes[sweep.name].append(Outcome(p, "skipped"))
-        else:
-            todo.append((sweep, p))
-    jobs = max(1, min(jobs, len(todo) or 1))
-    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+    for sweep in sweeps:
+        for p in sweep.points():
+            if not force and sweep.is_done(p):
+                outcomes[sweep.name].append(Outcome(p, "skipped"))
+            else:
+                todo.append((sweep, p))
+    total = sum(len(v) for v in outcomes.values()) + len(todo)
+    interactive = progress and sys.stderr.isatty()
     bar = tqdm(
-        total=len(mine),
-        initial=len(mine) - len(todo),
+        total=total,
+        initial=total - len(todo),
         desc=sweeps[0].name if len(sweeps) == 1 else f"{len(sweeps)} sweeps",
         unit="point",
-        disable=not progress,
+        disable=not interactive,  # no redraws into a log file
         dynamic_ncols=True,
         file=sys.stderr,
     )
-    running: list[str] = []
-    lock = threading.Lock()
-    stop = threading.Event()
-
-    def tick() -> None:  # keep the elapsed time moving while a long point runs
-        while not stop.wait(1.0):
-            with lock:
-                bar.refresh()
-
-    ticker = threading.Thread(target=tick, daemon=True)
-    ticker.start()
-
-    def label(sweep: Sweep, p: Point) -> str:
-        return p.name if len(sweeps) == 1 else f"{sweep.name}/{p.name}"
-
-    def work(sweep: Sweep, p: Point) -> Outcome:
-        with lock:
-            running.append(label(sweep, p))
-            bar.set_postfix_str(", ".join(running)[:100], refresh=True)
-        try:
-            return run_point(sweep, p, threads=threads)
-        finally:
-            with lock:
-                running.remove(label(sweep, p))
-
+    pending: dict[Any, tuple[Sweep, Point, float]] = {}
+    connected = False
     try:
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            futures = {pool.submit(work, sweep, p): sweep for sweep, p in todo}
-            for fut in as_completed(futures):
-                sweep = futures[fut]
-                outcome = fut.result()
+        if todo:
+            cpus = max(1, math.ceil(max(s.resources.get("num_cpus", 1) for s, _ in todo)))
+            connected = _connect(address, cpus * max(1, jobs))
+            import ray
+
+            _check_fits(list({s.name: s for s, _ in todo}.values()))
+            task = ray.remote(execute_point)
+            notebooks = {s.name: ray.put(s.notebook.read_bytes()) for s, _ in todo}
+            for sweep, p in todo:
+                ref = task.options(
+                    **sweep.ray_options(),
+                    max_retries=retries,
+                    retry_exceptions=[KernelDied],
+                    name=f"{sweep.name}/{p.name}",
+                ).remote(
+                    sweep.notebook.name,
+                    notebooks[sweep.name],
+                    _results.to_jsonable(p.parameters),
+                    sweep.timeout,
+                    sweep.threads,
+                    str(sweep.notebook.parent),
+                )
+                pending[ref] = (sweep, p, time.perf_counter())
+        finished = total - len(todo)
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+            bar.refresh()  # the elapsed time moves while a long point runs
+            for ref in ready:
+                sweep, p, started = pending[ref]
+                try:
+                    result = ray.get(ref)
+                    error = result["error"]
+                except ray.exceptions.RayError as exc:
+                    result, error = None, _task_error(exc, retries)
+                seconds = result["seconds"] if result else time.perf_counter() - started
+                outcome = write_outcome(sweep, p, result, error, seconds)
+                del pending[ref]  # only now: an interrupted write leaves the point not done
                 outcomes[sweep.name].append(outcome)
-                with lock:
-                    if outcome.status == "failed":
-                        bar.write(
-                            f"[{sweep.name}] FAILED {outcome.point.name} after "
-                            f"{outcome.seconds:.0f} s: {outcome.error}"
-                        )
-                    bar.update(1)
-                    bar.set_postfix_str(", ".join(running)[:100], refresh=True)
+                finished += 1
+                line = f"[{sweep.name}] {outcome.status} {p.name} in {seconds:.0f} s"
+                if outcome.status == "failed":
+                    line += f": {outcome.error}"
+                if interactive and outcome.status == "failed":
+                    bar.write(line)
+                elif progress and not interactive:
+                    print(f"{line} ({finished}/{total})", file=sys.stderr, flush=True)
+                bar.update(1)
+    except KeyboardInterrupt:
+        import ray
+
+        for ref in pending:
+            try:
+                ray.cancel(ref, force=True)
+            except Exception:  # noqa: BLE001 - a cluster already gone has nothing to cancel
+                pass
+        not_done = [_label(sweeps, s, p) for s, p, _ in pending.values()]
+        raise SweepInterrupted(outcomes, not_done) from None
     finally:
-        stop.set()
-        ticker.join(timeout=2)
         bar.close()
+        if connected:
+            import ray
+
+            ray.shutdown()
     for sweep in sweeps:
         order = {p.name: i for i, p in enumerate(sweep.points())}
         outcomes[sweep.name].sort(key=lambda o: order[o.point.name])
@@ -610,61 +1030,111 @@ def _print_summary(sweep: Sweep, outcomes: list[Outcome]) -> None:
     )
     for o in outcomes:
         if o.status == "failed":
-            marker = _results.relative_to_repo(sweep.failed_marker(o.point))
-            print(f"  failed {o.point.name}: {o.error} (see {marker})")
+            marker = sweep.failed_marker(o.point)
+            see = f" (see {_results.relative_to_repo(marker)})" if marker.is_file() else ""
+            print(f"  failed {o.point.name}: {o.error}{see}")
     summary = sweep.results_dir() / "summary.csv"
     if summary.is_file():
         print(f"  table: {_results.relative_to_repo(summary)}")
 
 
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m adaptive_sae.sweep",
-        description="Run notebook sweeps with papermill, skipping points already done.",
+        description="Run notebook sweeps with papermill as Ray tasks, skipping points already done.",
     )
     parser.add_argument("sweeps", nargs="+", help="sweep YAML files (papermill_runs/*.yaml)")
-    parser.add_argument("--jobs", type=int, default=1, help="points run at once (default 1)")
-    parser.add_argument("--shard", default=None, help="I/N: run every N-th point from I (0-based)")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="points at once on the local Ray instance (default 1; ignored with --address)",
+    )
+    parser.add_argument(
+        "--address", default=None, help="HOST:PORT of a Ray cluster to join (from `ray start`)"
+    )
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=DEFAULT_RETRIES,
+        help=f"reruns of a point whose worker or kernel died (default {DEFAULT_RETRIES})",
+    )
+    parser.add_argument("--shard", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--force", action="store_true", help="rerun points already done")
     parser.add_argument("--list", action="store_true", help="list the points and their state")
     parser.add_argument("--aggregate-only", action="store_true", help="only rebuild the tables")
     parser.add_argument("--results-root", default=None, help="results folder (default: results/)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="no progress output")
     args = parser.parse_args(argv)
+    if args.shard is not None:
+        parser.error(
+            "--shard is gone: start a Ray cluster (ray start --head, then ray start --address "
+            "on the other machines) and pass --address HOST:PORT; Ray spreads the points."
+        )
     if args.jobs < 1:
         parser.error(f"--jobs {args.jobs}: must be at least 1")
+    if args.retries < 0:
+        parser.error(f"--retries {args.retries}: must be at least 0")
     if args.results_root:
         os.environ[_results.RESULTS_ENV] = str(Path(args.results_root).resolve())
     try:
-        shard = parse_shard(args.shard)
         sweeps = [load_sweep(p) for p in args.sweeps]
         names = [s.name for s in sweeps]
         if len(set(names)) < len(names):
             raise SweepError(f"sweep names must differ (they name output folders): {names}")
+        if args.list:
+            for sweep in sweeps:
+                for p in sweep.points():
+                    state = "done" if sweep.is_done(p) else "todo"
+                    if state == "todo" and sweep.failed_marker(p).is_file():
+                        state = "failed"
+                    print(f"{sweep.name}\t{p.name}\t{state}")
+            return 0
+        if args.aggregate_only:
+            for sweep in sweeps:
+                path = aggregate(sweep)
+                where = _results.relative_to_repo(path) if path else "no done point"
+                print(f"sweep {sweep.name}: {where}")
+            return 0
     except SweepError as exc:
-        parser.error(str(exc))
-    if args.list:
-        for sweep in sweeps:
-            for p in sweep.points():
-                state = "done" if sweep.is_done(p) else "todo"
-                if state == "todo" and sweep.failed_marker(p).is_file():
-                    state = "failed"
-                print(f"{sweep.name}\t{p.name}\t{state}")
-        return 0
-    if args.aggregate_only:
-        for sweep in sweeps:
-            path = aggregate(sweep)
-            where = _results.relative_to_repo(path) if path else "no done point"
-            print(f"sweep {sweep.name}: {where}")
-        return 0
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
+    restore = None
+    try:
+        restore = signal.signal(signal.SIGTERM, _raise_interrupt)  # stop like Ctrl-C
+    except ValueError:  # not the main thread
+        pass
     try:
         outcomes = run_sweeps(
-            sweeps, jobs=args.jobs, shard=shard, force=args.force, progress=not args.no_progress
+            sweeps,
+            jobs=args.jobs,
+            address=args.address,
+            retries=args.retries,
+            force=args.force,
+            progress=not args.no_progress,
         )
     except SweepError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except SweepInterrupted as stop:
+        done = sum(o.status == "done" for outs in stop.outcomes.values() for o in outs)
+        again = " ".join(["python -m adaptive_sae.sweep", *(argv or sys.argv[1:])])
+        print(
+            f"interrupted: {done} points finished in this run and are kept; "
+            f"{len(stop.not_done)} stopped and are not done ({', '.join(stop.not_done[:5])}"
+            f"{', ...' if len(stop.not_done) > 5 else ''}).\n"
+            f"resume with the same command; finished points are skipped:\n  {again}",
+            file=sys.stderr,
+        )
+        return 130
+    finally:
+        if restore is not None:
+            signal.signal(signal.SIGTERM, restore)
     seconds = time.perf_counter() - t0
     for sweep in sweeps:
         _print_summary(sweep, outcomes[sweep.name])

@@ -30,6 +30,7 @@ def test_there_is_a_notebook_per_experiment():
         "adaptive_computation",
         "inference_thresholds",
         "cost_scaling",
+        "convergence",
     }
 
 

@@ -494,7 +494,14 @@ def study(
     return conv
 
 
-__all__ = ["Convergence", "compare_rules", "converge", "mean_std_text", "study", "verdict_changes"]
+__all__ = [
+    "Convergence",
+    "compare_rules",
+    "converge",
+    "mean_std_text",
+    "study",
+    "verdict_changes",
+]
 
 
 def main(argv: list[str] | None = None) -> int:

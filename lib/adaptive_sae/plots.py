@@ -654,7 +654,50 @@ def nmse_vs_width(runs: pd.DataFrame, title: str | None = None):
     return fig
 
 
+def convergence_curve(curve: pd.DataFrame, title: str = ""):
+    """The convergence protocol (``adaptive_sae.convergence``): validation NMSE against training tokens (log axis), one line per rule at its best
+    learning rate of each budget; dotted verticals where the winner changes."""
+    fig, ax = figure()
+    for rule, g in curve.groupby("rule", sort=False):
+        g = g.sort_values("tokens")
+        st = rule_style(rule)
+        ax.plot(
+            g["tokens"], g["nmse_val"], marker=st["marker"], color=st["color"], label=st["label"]
+        )
+    from .convergence import verdict_changes
+
+    for t in verdict_changes(curve)["tokens"]:
+        ax.axvline(t, color="grey", ls=":", lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("NMSE (validation, best learning rate)")
+    ax.set_title(title or "NMSE against the training budget")
+    ax.legend()
+    return fig
+
+
+def lr_bracket(lr_trials: pd.DataFrame, tokens: int, title: str = ""):
+    """Validation NMSE against learning rate (log axis) at one budget, one line per rule,
+    its best marked: the bracket of each rule."""
+    fig, ax = figure()
+    at = lr_trials[(lr_trials["tokens"] == tokens) & lr_trials["nmse"].map(np.isfinite)]
+    for rule, g in at.groupby("variant", sort=False):
+        g = g.groupby("lr", as_index=False)["nmse"].mean().sort_values("lr")
+        st = rule_style(rule)
+        ax.plot(g["lr"], g["nmse"], marker=st["marker"], color=st["color"], label=st["label"])
+        best = g.loc[g["nmse"].idxmin()]
+        ax.scatter([best["lr"]], [best["nmse"]], s=150, facecolors="none", edgecolors=st["color"])
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("NMSE (validation)")
+    ax.set_title(title or f"Learning-rate bracket at {tokens:,} tokens")
+    ax.legend()
+    return fig
+
+
 __all__ = [
+    "convergence_curve",
+    "lr_bracket",
     "AUX_COLORS",
     "AUX_LABELS",
     "AXIS_LABELS",

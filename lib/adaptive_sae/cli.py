@@ -225,37 +225,37 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
-    from . import experiments as ex
+    from . import convergence
 
     data, held, src = _data(a)
     if src is not None:
-        train_x = ex.training_data(src, a.total_tokens)
-        eval_set = ex.EvalSet.from_source(src, a.eval_tokens)
+        train_x, held_x = src, src
     else:
         if held is None:
             raise ConfigError("compare on --data needs --held-out FILE for the evaluation.")
-        train_x, eval_set = data, ex.EvalSet(held)
-    grid = ex.train_grid(
+        train_x, held_x = data, held
+    conv = convergence.converge(
         train_x,
-        variants=a.rules,
-        seeds=a.seeds,
-        k_values=[a.k],
-        widths=[a.n_features],
-        lrs=a.lrs,
+        held_x,
+        rules=a.rules,
+        k=a.k,
+        n_features=a.n_features,
         batch_size=a.batch_size,
-        total_tokens=a.total_tokens,
-        eval_set=eval_set,
-        progress=not a.quiet,
+        seeds=a.seeds,
+        max_tokens=a.total_tokens,
+        start_tokens=min(a.total_tokens, a.start_tokens),
+        lrs=a.lrs,
+        eval_tokens=a.eval_tokens,
+        log=None if a.quiet else print,
     )
-    best = ex.best_lr(grid.table, by=["variant"])
-    metrics = [m for m in ("nmse", "nmse_inference", "l0_mean", "dead_pct", "lr") if m in best]
-    summary = ex.summarise(best, ["variant"], metrics)
-    table = ex.with_mean_std_text(summary, metrics)
-    print(table.to_string(index=False))
+    metrics = ["nmse", "nmse_inference", "l0_mean", "dead_pct"]
+    table = convergence.mean_std_text(conv.table, metrics)
+    cols = [*metrics, "lr", "lr_below", "lr_above", "tokens", "converged"]
+    print(table[["rule", *[c for c in cols if c in table]]].to_string(index=False))
     if a.out:
         from .io import write_csv
 
-        write_csv(a.out, best)
+        write_csv(a.out, conv.runs)
         print(f"per-seed rows written to {a.out}")
     return 0
 
@@ -305,13 +305,21 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--format", choices=["saelens", "suite"], default="saelens")
     x.set_defaults(func=cmd_export)
 
-    c = sub.add_parser("compare", help="train every rule at the same budget and compare them")
+    c = sub.add_parser(
+        "compare",
+        help="train every rule until the comparison converges and compare them",
+        description="adaptive_sae.compare_rules: each rule's learning rate bracketed (the "
+        "grid extended past an edge), the budget doubled from --start-tokens until no rule's "
+        "held-out NMSE moves by more than 1 %% or --total-tokens is reached, every seed on "
+        "test tokens (mean ± std).",
+    )
     _add_data_flags(c, held_out=True)
     c.add_argument("--rules", nargs="+", default=["topk", "mutual_choice", "feature_choice_zipf"])
     c.add_argument("--k", type=float, default=8)
     c.add_argument("--n-features", type=int, required=True)
     c.add_argument("--batch-size", type=int, default=1024)
-    c.add_argument("--total-tokens", type=int, default=400_000)
+    c.add_argument("--total-tokens", type=int, default=8_388_608, help="the largest budget")
+    c.add_argument("--start-tokens", type=int, default=131_072, help="the first budget")
     c.add_argument("--eval-tokens", type=int, default=16384)
     c.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     c.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])

@@ -23,7 +23,7 @@ def test_quick_comparison_tiny(tmp_path, monkeypatch):
     )
     tables = quick.quick_comparison(q, n_jobs=1)
     runs, summary, grid = tables["runs"], tables["summary"], tables["lr_grid"]
-    assert len(grid) == 4 and len(runs) == 2 * 2 * 2 and len(summary) == 4
+    assert len(grid) >= 4 and len(runs) == 2 * 2 * 2 and len(summary) == 4  # grid: bracketed
     for variant, g in grid.groupby("variant"):
         chosen = summary.loc[summary["variant"] == variant, "lr"].iloc[0]
         assert chosen == g.loc[g["nmse"].idxmin(), "lr"]

@@ -3,8 +3,10 @@
     python -m adaptive_sae.quick [--seeds 0 1 2] [--total-tokens 300000] [--jobs 2]
 
 Fairness: every variant gets the same data, token budget, batch size and recipe; its learning
-rate is picked per variant from a small grid on held-out validation tokens (seed 0, no
-auxiliary loss), and the final numbers are measured on separate test tokens. ReLU+L1 reaches
+rate is picked per variant on held-out validation tokens (seed 0, no auxiliary loss) by the
+convergence protocol at the quick budget (``adaptive_sae.compare_rules``: the grid is
+extended until the best is bracketed), and the final numbers are measured on separate test
+tokens. One budget is not a converged comparison; notebook 09 doubles it until it is. ReLU+L1 reaches
 the same mean L0 through its adaptive L1 coefficient (TrainConfig.l1_adapt_rate). The table
 reports NMSE under the training rule (batches of the training size) and under the per-token
 inference rule, L0 mean and spread across tokens, dead and underutilised features, and
@@ -113,44 +115,68 @@ def _eval_set(q: QuickConfig, split: str) -> EvalSet:
     return EvalSet(sample.x[sl], sample.n_active[sl], src.true_features)
 
 
-def _run(job: tuple[QuickConfig, str, tuple, tuple, tuple, str]) -> pd.DataFrame:
-    """One variant through the experiment driver: every aux loss x seed x learning rate."""
-    q, variant, aux_losses, seeds, lrs, split = job
+def _run(job: tuple[QuickConfig, str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One variant: its learning rate by the convergence protocol at the quick budget
+    (``convergence.converge``: bracketed on validation tokens, seed 0, no auxiliary loss),
+    then every auxiliary loss x seed at that rate on test tokens. Returns (lr trials, runs)."""
+    from .convergence import converge
+
+    q, variant = job
     torch.set_num_threads(1)
     v = VARIANTS[variant]
-    grid = train_grid(
-        _train_tokens(q),
-        variants=[v],
-        seeds=seeds,
-        k_values=[q.k],
-        widths=[q.n_features],
-        aux_losses=aux_losses,
-        input_scalings=[v.sae.get("input_scaling", "global")],
-        lrs=lrs,
+    common = dict(
+        k=q.k,
+        n_features=q.n_features,
         batch_size=q.batch_size,
-        total_tokens=q.total_tokens,
-        eval_set=_eval_set(q, split),
+        input_scaling=v.sae.get("input_scaling", "global"),
         train_kwargs={
             "dead_window_tokens": q.dead_window_tokens,
             "density_window_tokens": q.dead_window_tokens,
             "log_every": 50,
         },
-        progress=False,
     )
-    return grid.table
+    conv = converge(
+        _train_tokens(q),
+        (_eval_set(q, "val"), _eval_set(q, "test")),
+        rules=[v],
+        seeds=q.seeds,
+        start_tokens=q.total_tokens,
+        max_tokens=q.total_tokens,
+        lrs=q.lr_grid,
+        **common,
+    )
+    runs = [conv.runs] if "none" in q.aux_losses else []
+    others = [a for a in q.aux_losses if a != "none"]
+    if others:
+        grid = train_grid(
+            _train_tokens(q),
+            variants=[v],
+            seeds=q.seeds,
+            k_values=[q.k],
+            widths=[q.n_features],
+            aux_losses=others,
+            input_scalings=[common["input_scaling"]],
+            lrs=[float(conv.table["lr"].iloc[0])],
+            batch_size=q.batch_size,
+            total_tokens=q.total_tokens,
+            eval_set=_eval_set(q, "test"),
+            train_kwargs=common["train_kwargs"],
+            progress=False,
+        )
+        runs.append(grid.table)
+    lr_trials = conv.lr_trials.assign(converged=bool(conv.table["converged"].iloc[0]))
+    return lr_trials, pd.concat(runs, ignore_index=True)
 
 
-def _map(jobs: list, n_jobs: int, desc: str) -> pd.DataFrame:
+def _map(jobs: list, n_jobs: int, desc: str) -> list:
     from tqdm.auto import tqdm
 
     if n_jobs <= 1:
-        tables = [_run(j) for j in tqdm(jobs, desc=desc)]
-    else:
-        import multiprocessing as mp
+        return [_run(j) for j in tqdm(jobs, desc=desc)]
+    import multiprocessing as mp
 
-        with ProcessPoolExecutor(n_jobs, mp_context=mp.get_context("spawn")) as pool:
-            tables = list(tqdm(pool.map(_run, jobs), total=len(jobs), desc=desc))
-    return pd.concat(tables, ignore_index=True)
+    with ProcessPoolExecutor(n_jobs, mp_context=mp.get_context("spawn")) as pool:
+        return list(tqdm(pool.map(_run, jobs), total=len(jobs), desc=desc))
 
 
 SUMMARY_METRICS = [
@@ -167,18 +193,23 @@ SUMMARY_METRICS = [
 
 
 def quick_comparison(q: QuickConfig | None = None, n_jobs: int = 2) -> dict[str, pd.DataFrame]:
-    """Pick each variant's learning rate on validation tokens, then train every variant ×
-    auxiliary loss × seed and measure on test tokens. Returns the tables."""
+    """Each variant's learning rate bracketed on validation tokens at the quick budget (the
+    convergence protocol with ``max_tokens = total_tokens``, so ``converged`` is False: a
+    quick table answers "who learns fastest" at this budget), then every variant x auxiliary
+    loss x seed measured on test tokens. Returns the tables."""
     q = q or QuickConfig()
     check_quick(q)
-    val_jobs = [(q, v, ("none",), q.seeds[:1], q.lr_grid, "val") for v in q.variants]
-    lr_grid = _map(val_jobs, n_jobs, "learning-rate grid")
+    out = _map([(q, v) for v in q.variants], n_jobs, "comparison")
+    lr_grid = pd.concat([t for t, _ in out], ignore_index=True)
     best = lr_grid.loc[lr_grid.groupby("variant")["nmse"].idxmin(), ["variant", "lr"]]
     best_lr = dict(zip(best["variant"], best["lr"]))
-    jobs = [(q, v, q.aux_losses, q.seeds, (best_lr[v],), "test") for v in q.variants]
-    runs = _map(jobs, n_jobs, "comparison").rename(columns={"aux_loss": "aux"})
+    runs = pd.concat([r for _, r in out], ignore_index=True).rename(columns={"aux_loss": "aux"})
+    keep = [c for c in runs.columns if c not in ("split", "tokens", "diverged")]
+    runs = runs[keep]
     summary = results.mean_std(runs, ["variant", "aux"], SUMMARY_METRICS)
     summary.insert(2, "lr", summary["variant"].map(best_lr))
+    summary["tokens"] = q.total_tokens
+    summary["converged"] = False
     return {"runs": runs, "summary": summary, "lr_grid": lr_grid}
 
 

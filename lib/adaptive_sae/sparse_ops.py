@@ -290,6 +290,80 @@ def sparse_reconstruct(
     return SparseReconstruction(x_hat, vals)
 
 
+# ----- many SAEs of one width at once (adaptive_sae.grid) -------------------------------------------
+class _StackedReconstruct(torch.autograd.Function):
+    """The kernel above for n SAEs whose parameters are stacked: W_enc (n, d, F), b_enc (n, F),
+    W_dec (n, F, d), b_dec (n, d), x_s (n, B, d); entries on global rows s·B + b and global
+    features s·F + f. Per entry and per feature the sums run in the order a lone SAE's do."""
+
+    @staticmethod
+    def forward(ctx, x_s, W_enc, b_enc, W_dec, b_dec, pre, rows, cols):
+        n, B, d = x_s.shape
+        F = W_dec.shape[1]
+        wdt = W_dec.dtype
+        vals = pre.to(wdt).clamp_min(0)
+        row_counts = torch.bincount(rows, minlength=n * B)
+        x_hat = _bag(cols, W_dec.reshape(n * F, d), exclusive_cumsum(row_counts), vals)
+        x_hat = x_hat.view(n, B, d) + b_dec.to(wdt).unsqueeze(1)
+        ctx.save_for_backward(x_s, W_enc, W_dec, b_dec, rows, cols, vals, pre > 0, row_counts)
+        return x_hat
+
+    @staticmethod
+    def backward(ctx, g_xhat):
+        x_s, W_enc, W_dec, b_dec, rows, cols, vals, active, row_counts = ctx.saved_tensors
+        n, B, d = x_s.shape
+        F = W_dec.shape[1]
+        wdt = W_dec.dtype
+        gx = g_xhat.to(wdt).reshape(n * B, d).contiguous()
+        g = sampled_dots(gx, W_dec.reshape(n * F, d), rows, cols, row_counts)
+        gP = g * active
+        perm = torch.argsort(cols * (n * B) + rows)
+        rows_c = rows[perm]
+        col_off = exclusive_cumsum(torch.bincount(cols, minlength=n * F))
+        xc = (x_s - b_dec.unsqueeze(1)).to(wdt).reshape(n * B, d)
+        dW_dec = _bag(rows_c, gx, col_off, vals[perm]).view(n, F, d)
+        dW_enc = _bag(rows_c, xc, col_off, gP[perm]).view(n, F, d).transpose(1, 2)
+        db = torch.zeros(n * F, dtype=wdt, device=x_s.device).index_add_(0, cols, gP).view(n, F)
+        gx3 = gx.view(n, B, d)
+        db_dec = torch.stack([gx3[s].sum(0) - W_enc[s].to(wdt) @ db[s] for s in range(n)])
+        return None, dW_enc, db, dW_dec, db_dec, None, None, None
+
+
+def stacked_reconstruct(
+    x_s: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    W_dec: Tensor,
+    b_dec: Tensor,
+    slots: list[int],
+    flat_idx: list[Tensor],
+    pre: list[Tensor],
+) -> Tensor:
+    """x̂ (n, B, d) of n SAEs of one width with stacked parameters (W_enc (n, d, F)...):
+    SAE ``slots[i]`` reconstructs from its selection ``flat_idx[i]`` (ascending b·F + f) with
+    the affinities ``pre[i]`` at those entries; slots not listed have no entry (x̂ = b_dec).
+    Gradients reach the stacked W_enc, b_enc, W_dec and b_dec as :func:`sparse_reconstruct`'s
+    reach each SAE's own; x_s gets none."""
+    n, B, _ = x_s.shape
+    F = W_dec.shape[1]
+    rows, cols = [], []
+    for s, idx in zip(slots, flat_idx):
+        r = torch.div(idx, F, rounding_mode="floor")
+        rows.append(r + s * B)
+        cols.append(idx - r * F + s * F)
+    with torch.autocast(x_s.device.type, enabled=False):
+        return _StackedReconstruct.apply(
+            x_s.detach(),
+            W_enc,
+            b_enc,
+            W_dec,
+            b_dec,
+            torch.cat(pre).detach(),
+            torch.cat(rows),
+            torch.cat(cols),
+        )
+
+
 # ----- dense product on a column subset (dense auxiliary selections) --------------------------------
 class _SubsetReconstruct(torch.autograd.Function):
     """ê = (M ⊙ ReLU(P[:, S])) W_dec[S] (+ b_dec) for a column subset S with a dense mask M."""
@@ -364,5 +438,6 @@ __all__ = [
     "SparseReconstruction",
     "sparse_reconstruct",
     "subset_reconstruct",
+    "stacked_reconstruct",
     "DENSE_SUBSET_DENSITY",
 ]

@@ -1,0 +1,384 @@
+"""Many SAEs in one pass over the data (DESIGN §9-§10): a set of SAEs sharing d_in, the data
+stream and the batch size, differing in rule, k, width, learning rate, auxiliary loss, seed...
+
+    from adaptive_sae.grid import train_many
+    runs = train_many([(cfg_a, tcfg_a), (cfg_b, tcfg_b), ...], data, checkpoint_dir="ckpt")
+
+Each SAE trains exactly as ``train(cfg, tcfg, data)`` would train it alone (same batches: on an
+(N, d) tensor each seed's own shuffle, else the one stream; same initialisation, schedule,
+selection, losses, statistics and optimiser) and the result is equal to float tolerance (the
+tests check every rule and both auxiliary losses, and resume). What is shared:
+
+- the data: one pass; batches of members with the same seed are drawn once;
+- the parameters of the SAEs of one width live in stacked (n, ...) tensors (each SAE's
+  parameters are views of them), and the sparse reconstruction of all of them, forward and
+  backward, is one call on the stacked tensors (``sparse_ops.stacked_reconstruct``), so the
+  fixed cost of a step is paid once per width, not once per SAE;
+- one backward pass for all losses; checks of non-finite values once per step for the set.
+
+Per SAE remain what depends on its rule and state: the dense product P (one B×F buffer per SAE,
+computed where it stays in cache), the selection, the auxiliary loss, gradient clipping, Adam
+(its own optimiser, so its state and checkpoints are those of a lone run) and the statistics.
+
+Checkpoints of the whole set: ``checkpoint_dir/sae_000``, ``sae_001``... each a lone run's
+checkpoint folder (so any one SAE can be resumed or loaded alone), and ``grid.json`` naming the
+members; resume continues from the newest step every member has.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from . import checkpoints, io
+from .config import ConfigError, SAEConfig, TrainConfig
+from .sparse_ops import affinities, stacked_reconstruct, values_at
+from .trainer import NonFiniteError, Trainer, TrainRun, _checked, batch_stream
+
+MANIFEST = "grid.json"
+
+
+def _member_dir(root: Path, i: int) -> Path:
+    return root / f"sae_{i:03d}"
+
+
+class _Width:
+    """The SAEs of one width: their parameters stacked, each SAE's parameters views of them."""
+
+    def __init__(self, members: list[tuple[int, Trainer]]):
+        self.slots = members
+        saes = [t.sae for _, t in members]
+        self.params: dict[str, Tensor] = {}
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            own = [getattr(s, name) for s in saes]
+            stacked = torch.stack([p.detach() for p in own])
+            for i, p in enumerate(own):
+                p.data = stacked[i]  # the SAE's parameter now aliases its slice
+            self.params[name] = stacked.requires_grad_(True)
+
+    def views(self, j: int) -> SimpleNamespace:
+        """Differentiable views of slot j's parameters (what its losses differentiate)."""
+        return SimpleNamespace(**{n: p[j] for n, p in self.params.items()})
+
+    def hand_out_grads(self) -> None:
+        """Each SAE's parameter gradients become views of the stacked gradients."""
+        for j, (_, t) in enumerate(self.slots):
+            for name, p in self.params.items():
+                g = p.grad
+                getattr(t.sae, name).grad = None if g is None else g[j]
+
+    def zero_grad(self) -> None:
+        for p in self.params.values():
+            p.grad = None
+
+
+class GridTrainer:
+    """Train a set of SAEs (``members``: (SAEConfig, TrainConfig) pairs) in one pass.
+
+    The members must share ``d_in``, ``batch_size``, ``total_tokens``, ``device`` and
+    ``autocast_bf16``; everything else may differ. ``step(xs)`` trains every SAE on one batch
+    (``xs``: one (B, d) tensor for all, or one per member); ``fit(data)`` runs the budget."""
+
+    def __init__(
+        self,
+        members: Sequence[tuple[SAEConfig, TrainConfig]],
+        checkpoint_dir: str | os.PathLike | None = None,
+    ):
+        members = list(members)
+        if not members:
+            raise ConfigError("a grid needs at least one (SAEConfig, TrainConfig) member.")
+        cfg0, tcfg0 = members[0]
+        for i, (cfg, tcfg) in enumerate(members):
+            for what, a, b in (
+                ("SAEConfig.d_in", cfg.d_in, cfg0.d_in),
+                ("TrainConfig.batch_size", tcfg.batch_size, tcfg0.batch_size),
+                ("TrainConfig.total_tokens", tcfg.total_tokens, tcfg0.total_tokens),
+                ("TrainConfig.device", tcfg.device, tcfg0.device),
+                ("TrainConfig.autocast_bf16", tcfg.autocast_bf16, tcfg0.autocast_bf16),
+                ("TrainConfig.checkpoint_every", tcfg.checkpoint_every, tcfg0.checkpoint_every),
+            ):
+                if a != b:
+                    raise ConfigError(
+                        f"grid member {i} has {what}={a!r} but member 0 has {b!r}; SAEs trained "
+                        f"in one pass share it (train the others in another grid)."
+                    )
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.trainers = [
+            Trainer(
+                cfg,
+                tcfg,
+                None if self.checkpoint_dir is None else _member_dir(self.checkpoint_dir, i),
+            )
+            for i, (cfg, tcfg) in enumerate(members)
+        ]
+        if self.trainers[0].comm.world > 1:
+            raise ConfigError(
+                "a grid trains in one process; under torch.distributed train each SAE with "
+                "adaptive_sae.train (data parallel) instead."
+            )
+        self.batch_size, self.d_in = tcfg0.batch_size, cfg0.d_in
+        self.n_steps = tcfg0.n_steps
+        by_width: dict[int, list[tuple[int, Trainer]]] = {}
+        for i, t in enumerate(self.trainers):
+            by_width.setdefault(t.cfg.n_features, []).append((i, t))
+        self.widths = [_Width(m) for m in by_width.values()]
+
+    @property
+    def steps_done(self) -> int:
+        return self.trainers[0].steps_done
+
+    # -- one step for every SAE --
+    def step(self, xs: Tensor | Sequence[Tensor]) -> list[dict[str, float] | None]:
+        """One optimiser step of every SAE; ``xs`` one batch for all or one per member.
+        Returns each member's history row (None on steps it does not log)."""
+        n = len(self.trainers)
+        if isinstance(xs, Tensor):
+            xs = [xs] * n
+        if len(xs) != n:
+            raise ValueError(f"step got {len(xs)} batches for {n} SAEs; pass one or one each.")
+        step, B, d = self.steps_done, self.batch_size, self.d_in
+        dev = self.trainers[0].device
+        ready: dict[int, Tensor] = {}  # each distinct batch checked once
+        for x in xs:
+            if id(x) not in ready:
+                ready[id(x)] = _checked(x, step, B, d).to(dev, torch.float32)
+                if not bool(torch.isfinite(ready[id(x)]).all()):
+                    self._fail(step, "the batch holds non-finite activations")
+        xs = [ready[id(x)] for x in xs]
+        state: list[Any] = [None] * n
+        total = None
+        autocast = self.trainers[0].tcfg.autocast_bf16
+        with torch.autocast(dev.type, torch.bfloat16, enabled=autocast):
+            for w in self.widths:
+                for j, (i, t, out) in self._forward(w, xs):
+                    x_s, lr, x_hat, P, idx, codes = out
+                    x_hat = x_hat.float()
+                    loss, recon, aux = t._losses(x_s, x_hat, P, codes, w.views(j))
+                    state[i] = (x_s, x_hat, P, idx, loss, recon, aux, lr)
+                    total = loss if total is None else total + loss
+        losses_ = torch.stack([s[4].detach().float() for s in state])
+        if not bool(torch.isfinite(losses_).all()):
+            bad = int((~torch.isfinite(losses_)).nonzero()[0, 0])
+            self._fail(step, f"SAE {bad}'s loss is {losses_[bad].item()}")
+        for w in self.widths:
+            w.zero_grad()
+        total.backward()
+        for w in self.widths:
+            w.hand_out_grads()
+        norms = []
+        for t in self.trainers:
+            t.sae.remove_parallel_grad()
+            params = list(t.sae.parameters())
+            if t.tcfg.grad_clip > 0:
+                norms.append(torch.nn.utils.clip_grad_norm_(params, t.tcfg.grad_clip))
+            else:
+                norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+        norms_ = torch.stack(norms)
+        if not bool(torch.isfinite(norms_).all()):
+            bad = int((~torch.isfinite(norms_)).nonzero()[0, 0])
+            self._fail(step, f"SAE {bad}'s gradient is non-finite")
+        rows = []
+        for t, s in zip(self.trainers, state):
+            t.opt.step()
+            t.sae.normalize_decoder()
+            rows.append(t._after(*s))
+        return rows
+
+    def _forward(self, w: _Width, xs: list[Tensor]):
+        """Per slot of width group w: (slot, trainer, (x_s, lr, x_hat, P, idx, codes)).
+        Sparse rules reconstruct through one stacked call; dense rules (ReLU+L1) alone."""
+        prm = w.params
+        det = {k: v.detach() for k, v in prm.items()}
+        begun, sparse = [], []
+        for j, (i, t) in enumerate(w.slots):
+            x_s, lr = t._begin(xs[i], checked=True)
+            begun.append((x_s, lr))
+            if t.rule.sparse:
+                P = affinities(x_s, det["W_enc"][j], det["b_enc"][j], det["b_dec"][j], t._ws)
+                idx = t.rule.select(t.sae, P, t._ws)
+                sparse.append((j, P, idx))
+        x_hats: dict[int, Tensor] = {}
+        if sparse:
+            x_s_all = torch.stack([b[0] for b in begun])
+            pre = [values_at(P, idx) for _, P, idx in sparse]
+            slots = [j for j, _, _ in sparse]
+            idxs = [idx for _, _, idx in sparse]
+            x_hat_all = stacked_reconstruct(
+                x_s_all, prm["W_enc"], prm["b_enc"], prm["W_dec"], prm["b_dec"], slots, idxs, pre
+            )
+            for j in slots:
+                x_hats[j] = x_hat_all[j]
+        by_slot = {j: (P, idx) for j, P, idx in sparse}
+        for j, (i, t) in enumerate(w.slots):
+            x_s, lr = begun[j]
+            if j in by_slot:
+                P, idx = by_slot[j]
+                yield j, (i, t, (x_s, lr, x_hats[j], P, idx, None))
+                continue
+            v = w.views(j)  # dense codes with autograd, as Trainer._forward
+            P_grad = (x_s - v.b_dec) @ v.W_enc + v.b_enc
+            P = P_grad.detach()
+            idx = t.rule.select(t.sae, P, t._ws)
+            mask = torch.zeros(P.numel(), dtype=torch.bool, device=P.device)
+            mask[idx] = True
+            codes = P_grad.relu() * mask.view(P.shape)
+            yield j, (i, t, (x_s, lr, codes @ v.W_dec + v.b_dec, P, idx, codes))
+
+    # -- checkpoints --
+    def _manifest(self) -> dict[str, Any]:
+        return {
+            "members": [
+                {"sae": json.loads(t.cfg.to_json()), "train": json.loads(t.tcfg.to_json())}
+                for t in self.trainers
+            ]
+        }
+
+    def save_checkpoint(self) -> Path | None:
+        """Every member's checkpoint of this step, then the manifest."""
+        if self.checkpoint_dir is None:
+            return None
+        for t in self.trainers:
+            t.save_checkpoint()
+        io.atomic_write_text(self.checkpoint_dir / MANIFEST, json.dumps(self._manifest()))
+        return self.checkpoint_dir
+
+    def load_checkpoint(self, root: str | os.PathLike) -> None:
+        """Resume every member from the newest step all of them hold."""
+        root = Path(root)
+        man = root / MANIFEST
+        if not man.exists():
+            raise checkpoints.CheckpointError(
+                f"{man} is missing: {root} holds no grid checkpoint (GridTrainer.save_checkpoint "
+                f"writes it); resume a single SAE with adaptive_sae.train(resume_from=...)."
+            )
+        saved = json.loads(man.read_text())["members"]
+        if len(saved) != len(self.trainers):
+            raise ConfigError(
+                f"{root} holds a grid of {len(saved)} SAEs but this grid has "
+                f"{len(self.trainers)}; resume with the same members, in the same order."
+            )
+        common = None
+        for i in range(len(self.trainers)):
+            steps = {s for s, f in checkpoints.step_folders(_member_dir(root, i))}
+            common = steps if common is None else common & steps
+        if not common:
+            raise checkpoints.CheckpointError(
+                f"no step of {root} is saved for every SAE of the grid; start it afresh."
+            )
+        step = max(common)
+        for i, t in enumerate(self.trainers):
+            t.load_checkpoint(_member_dir(root, i) / checkpoints.step_name(step))
+
+    def _fail(self, step: int, what: str) -> None:
+        where = self.save_checkpoint()
+        saved = (
+            f"the last good state (before step {step}) of every SAE is saved in {where}"
+            if where
+            else "no checkpoint_dir was given, so nothing was saved"
+        )
+        raise NonFiniteError(
+            f"step {step}: {what}; training stopped and {saved}. Check the activations for "
+            f"inf/NaN, or lower the learning rate."
+        )
+
+    # -- the whole budget --
+    def fit(
+        self,
+        data: Any,
+        *,
+        resume: bool = False,
+        progress: bool = False,
+        callback: Callable[[int, list[dict[str, float] | None]], None] | None = None,
+    ) -> list[TrainRun]:
+        """Train every SAE until ``total_tokens`` on ``data`` (as :func:`adaptive_sae.train`
+        reads it), one pass; returns one TrainRun per member, in order."""
+        B, d = self.batch_size, self.d_in
+        keys = [t.tcfg.seed if isinstance(data, Tensor) else 0 for t in self.trainers]
+        streams = {
+            k: batch_stream(data, B, d, k, start=self.steps_done) for k in dict.fromkeys(keys)
+        }
+        if not resume:
+            n_init = [max(1, math.ceil(t.tcfg.init_sample_tokens / B)) for t in self.trainers]
+            heads = {}
+            for k, s in streams.items():
+                want = max(n for n, kk in zip(n_init, keys) if kk == k)
+                heads[k] = [_checked(b, i, B, d) for i, b in zip(range(want), s)]
+                streams[k] = itertools.chain(heads[k], s)
+            for t, k, n in zip(self.trainers, keys, n_init):
+                t.init_from_data(torch.cat(heads[k][:n]))
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.n_steps, initial=self.steps_done, desc="grid", leave=False)
+        every = self.trainers[0].tcfg.checkpoint_every
+        while self.steps_done < self.n_steps:
+            step = self.steps_done
+            batches = {}
+            for k, s in streams.items():
+                try:
+                    batches[k] = next(s)
+                except StopIteration:
+                    self.save_checkpoint()
+                    raise ValueError(
+                        f"the data ran out after {step} batches but total_tokens asks for "
+                        f"{self.n_steps}; pass more data or lower total_tokens."
+                    ) from None
+            rows = self.step([batches[k] for k in keys])
+            if every and self.steps_done % every == 0 and self.steps_done < self.n_steps:
+                self.save_checkpoint()
+            if bar is not None:
+                bar.update(1)
+            if callback is not None:
+                callback(step, rows)
+        if bar is not None:
+            bar.close()
+        self.save_checkpoint()
+        runs = []
+        for t in self.trainers:
+            t.sae.eval()
+            runs.append(
+                TrainRun(
+                    sae=t.sae,
+                    history=pd.DataFrame(t.rows),
+                    stats=t.stats,
+                    cfg=t.cfg,
+                    tcfg=t.tcfg,
+                    checkpoint_dir=t.checkpoint_dir,
+                    info={"lr": t.base_lr, "k_aux": t.k_aux},
+                )
+            )
+        return runs
+
+
+def train_many(
+    members: Sequence[tuple[SAEConfig, TrainConfig]],
+    data: Any,
+    *,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume_from: str | os.PathLike | None = None,
+    progress: bool = False,
+    callback: Callable[[int, list[dict[str, float] | None]], None] | None = None,
+) -> list[TrainRun]:
+    """Train every (SAEConfig, TrainConfig) of ``members`` in one pass over ``data``; each
+    result equals ``train(cfg, tcfg, data)`` (to float tolerance). Checkpoints of the whole
+    set go to ``checkpoint_dir``; ``resume_from`` continues an interrupted grid."""
+    if checkpoint_dir is None and resume_from is not None:
+        checkpoint_dir = resume_from
+    g = GridTrainer(members, checkpoint_dir)
+    if resume_from is not None:
+        g.load_checkpoint(resume_from)
+    return g.fit(data, resume=resume_from is not None, progress=progress, callback=callback)
+
+
+__all__ = ["GridTrainer", "train_many"]

@@ -361,35 +361,48 @@ def lm_comparison(
     eval_tokens: int = 32_768,
     eval_contexts: int = 128,
     seed: int = 0,
+    seeds: Sequence[int] | None = None,
+    start_tokens: int | None = None,
+    lrs: Sequence[float] = (1e-3, 3e-3, 1e-2),
     source: Any = None,
     out_dir: str | None = None,
     log: Callable[[str], None] | None = print,
 ) -> Any:
-    """Train an SAE of each variant (a rule name or ``experiments.Variant``) on the embedded
-    model's activations (harvested once into the disk cache) through the experiment driver,
-    and report NMSE on held-out activations and downstream loss in both modes. Returns a
-    DataFrame; writes ``table.csv``, ``metrics.json`` and ``provenance.json`` under
+    """Compare the variants (rule names or ``experiments.Variant``) on the embedded model's
+    activations (harvested once into the disk cache) with the convergence protocol
+    (``adaptive_sae.compare_rules``: learning rates bracketed, budgets doubled from
+    ``start_tokens`` (default total_tokens / 4) up to ``total_tokens``, ``seeds`` (default
+    ``[seed]``) on test tokens), and report NMSE on held-out activations and downstream loss
+    in both modes, averaged over seeds, with ``converged``. Returns a DataFrame; writes
+    ``table.csv``, ``metrics.json`` and ``provenance.json`` under
     ``results/lm_comparison/<run>/`` (or `out_dir`)."""
     from adaptive_sae.data import activation_source
 
     from . import experiments as ex
     from . import results
+    from .convergence import converge
 
+    seeds = list(seeds) if seeds is not None else [seed]
     src = source or activation_source("tiny", seed=seed, cache=True, cache_tokens=total_tokens)
-    eval_set = ex.EvalSet(src.held_out(eval_tokens))
     ctx = src.eval_contexts(eval_contexts)
-    rows = []
-    for variant in variants:
-        trained = ex.train_one(
-            src,
-            variant,
-            k=k,
-            n_features=n_features,
-            seed=seed,
-            batch_size=batch_size,
-            total_tokens=total_tokens,
-        )
-        row, _ = ex.evaluate_trained(trained, eval_set)
+    conv = converge(
+        src,
+        ex.EvalSet(src.held_out(eval_tokens)),
+        rules=variants,
+        k=k,
+        n_features=n_features,
+        batch_size=batch_size,
+        seeds=seeds,
+        max_tokens=total_tokens,
+        start_tokens=start_tokens or max(batch_size, total_tokens // 4),
+        lrs=lrs,
+        data_tokens=total_tokens,
+        keep_runs=True,
+        log=log,
+    )
+    per_seed = []
+    for (_, row), trained in zip(conv.runs.iterrows(), conv.trained):
+        row = row.to_dict()
         ds = downstream_loss(src.model, trained.run.sae, ctx, src.hook, mode="both")
         row.update({key: ds[key] for key in ("ce_clean", "ce_zero", "ce_mean")})
         for m, suffix in (("train", ""), ("inference", "_inference")):
@@ -398,12 +411,28 @@ def lm_comparison(
             row["loss_recovered_mean" + suffix] = ds[f"loss_recovered_mean_{m}"]
         diff = l0_vs_difficulty(src.model, trained.run.sae, ctx, src.hook, mode="inference")
         row["spearman_l0_vs_lm_loss"] = diff["spearman_l0_vs_lm_loss"]
+        per_seed.append(row)
+    seed_rows = pd.DataFrame(per_seed)
+    numeric = seed_rows.select_dtypes("number").columns.drop(["seed", "lr", "tokens"], "ignore")
+    rows = []
+    for name in [ex.as_variant(v).name for v in variants]:
+        g = seed_rows[seed_rows["variant"] == name]
+        t = conv.table.set_index("rule").loc[name]
+        row = {"variant": name, "rule": g["rule"].iloc[0], **g[numeric].mean().to_dict()}
+        row.update(
+            nmse_std=float(g["nmse"].std()),
+            seeds=len(g),
+            lr=float(t["lr"]),
+            tokens=int(t["tokens"]),
+            converged=bool(t["converged"]),
+        )
         rows.append(row)
         if log:
             log(
-                f"{row['variant']:>20}: NMSE {row['nmse']:.3f}/{row['nmse_inference']:.3f}  "
+                f"{name:>20}: NMSE {row['nmse']:.3f}/{row['nmse_inference']:.3f}  "
                 f"ΔCE {row['delta_ce']:.4f}/{row['delta_ce_inference']:.4f} nats "
-                f"(train/inference mode), {trained.seconds:.0f}s"
+                f"(train/inference mode), lr {row['lr']:g}, {row['tokens']:,} tokens, "
+                f"{'converged' if row['converged'] else 'not converged'}"
             )
     df = pd.DataFrame(rows)
     params = {
@@ -414,7 +443,9 @@ def lm_comparison(
         "total_tokens": total_tokens,
         "eval_tokens": eval_tokens,
         "eval_contexts": eval_contexts,
-        "seed": seed,
+        "seeds": seeds,
+        "start_tokens": start_tokens,
+        "lrs": list(lrs),
     }
     rd = results.ResultsDir("lm_comparison", run_name="tiny", root=out_dir)
     rd.save_table("table", df)
@@ -426,7 +457,7 @@ def lm_comparison(
             if isinstance(v, (int, float)) and not isinstance(v, bool)
         }
     )
-    rd.save_provenance(params, source=src, seeds=[seed])
+    rd.save_provenance(params, source=src, seeds=seeds)
     if log:
         cols = [
             "variant",

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from . import checkpoints, io
 from .config import ConfigError, SAEConfig, TrainConfig
-from .sparse_ops import affinities, stacked_reconstruct, values_at
+from .sparse_ops import Workspace, affinities, stacked_reconstruct, values_at
 from .trainer import NonFiniteError, Trainer, TrainRun, _checked, batch_stream
 
 MANIFEST = "grid.json"
@@ -66,12 +66,19 @@ class _Width:
                 p.data = stacked[i]  # the SAE's parameter now aliases its slice
             self.params[name] = stacked.requires_grad_(True)
 
-    def views(self, j: int) -> SimpleNamespace:
-        """Differentiable views of slot j's parameters (what its losses differentiate)."""
-        return SimpleNamespace(**{n: p[j] for n, p in self.params.items()})
+        self.aux_leaves: list[tuple[int, SimpleNamespace]] = []
 
     def hand_out_grads(self) -> None:
-        """Each SAE's parameter gradients become views of the stacked gradients."""
+        """Each SAE's parameter gradients become views of the stacked gradients (auxiliary
+        losses' gradients, on leaves of their own, added in)."""
+        for j, leaves in self.aux_leaves:
+            for name, p in self.params.items():
+                g = getattr(leaves, name).grad
+                if g is not None:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    p.grad[j] += g
+        self.aux_leaves = []
         for j, (_, t) in enumerate(self.slots):
             for name, p in self.params.items():
                 g = p.grad
@@ -129,9 +136,14 @@ class GridTrainer:
         self.batch_size, self.d_in = tcfg0.batch_size, cfg0.d_in
         self.n_steps = tcfg0.n_steps
         by_width: dict[int, list[tuple[int, Trainer]]] = {}
+        self.dense: list[tuple[int, Trainer]] = []  # dense-code rules train as alone
         for i, t in enumerate(self.trainers):
-            by_width.setdefault(t.cfg.n_features, []).append((i, t))
+            if t.rule.sparse:
+                by_width.setdefault(t.cfg.n_features, []).append((i, t))
+            else:
+                self.dense.append((i, t))
         self.widths = [_Width(m) for m in by_width.values()]
+        self._ws = Workspace()  # one B×F buffer for the SAEs without an auxiliary loss
 
     @property
     def steps_done(self) -> int:
@@ -160,18 +172,24 @@ class GridTrainer:
         autocast = self.trainers[0].tcfg.autocast_bf16
         with torch.autocast(dev.type, torch.bfloat16, enabled=autocast):
             for w in self.widths:
-                for j, (i, t, out) in self._forward(w, xs):
-                    x_s, lr, x_hat, P, idx, codes = out
-                    x_hat = x_hat.float()
-                    loss, recon, aux = t._losses(x_s, x_hat, P, codes, w.views(j))
-                    state[i] = (x_s, x_hat, P, idx, loss, recon, aux, lr)
-                    total = loss if total is None else total + loss
-        losses_ = torch.stack([s[4].detach().float() for s in state])
+                for i, out in self._forward_width(w, xs):
+                    state[i] = out
+            for i, t in self.dense:  # dense codes (ReLU+L1): as a lone run
+                x_s, lr = t._begin(xs[i], checked=True)
+                x_hat, P, idx, codes = t._forward(x_s)
+                x_hat = x_hat.float()
+                loss, recon, aux = t._losses(x_s, x_hat, P, codes)
+                state[i] = (x_s, x_hat, t._observe(P, idx), loss, recon, aux, lr)
+        for s in state:
+            total = s[3] if total is None else total + s[3]
+        losses_ = torch.stack([s[3].detach().float() for s in state])
         if not bool(torch.isfinite(losses_).all()):
             bad = int((~torch.isfinite(losses_)).nonzero()[0, 0])
             self._fail(step, f"SAE {bad}'s loss is {losses_[bad].item()}")
         for w in self.widths:
             w.zero_grad()
+        for _, t in self.dense:
+            t.opt.zero_grad(set_to_none=True)
         total.backward()
         for w in self.widths:
             w.hand_out_grads()
@@ -191,48 +209,52 @@ class GridTrainer:
         for t, s in zip(self.trainers, state):
             t.opt.step()
             t.sae.normalize_decoder()
-            rows.append(t._after(*s))
+            rows.append(t._finish(*s))
         return rows
 
-    def _forward(self, w: _Width, xs: list[Tensor]):
-        """Per slot of width group w: (slot, trainer, (x_s, lr, x_hat, P, idx, codes)).
-        Sparse rules reconstruct through one stacked call; dense rules (ReLU+L1) alone."""
+    def _forward_width(self, w: _Width, xs: list[Tensor]):
+        """Yield (member, (x_s, x̂, matches, loss, NMSE, aux, lr)) for the SAEs of one width.
+
+        Each SAE's P is consumed while it is in cache: selected, its values gathered and its
+        statistics observed (they read no parameter, so before the update as after it), in one
+        B×F buffer shared by the SAEs without an auxiliary loss; those with one keep their P
+        until their auxiliary loss (it selects on P with the statistics of before this step)."""
         prm = w.params
         det = {k: v.detach() for k, v in prm.items()}
-        begun, sparse = [], []
+        w.aux_leaves = []
+        per = []
         for j, (i, t) in enumerate(w.slots):
             x_s, lr = t._begin(xs[i], checked=True)
-            begun.append((x_s, lr))
-            if t.rule.sparse:
-                P = affinities(x_s, det["W_enc"][j], det["b_enc"][j], det["b_dec"][j], t._ws)
-                idx = t.rule.select(t.sae, P, t._ws)
-                sparse.append((j, P, idx))
-        x_hats: dict[int, Tensor] = {}
-        if sparse:
-            x_s_all = torch.stack([b[0] for b in begun])
-            pre = [values_at(P, idx) for _, P, idx in sparse]
-            slots = [j for j, _, _ in sparse]
-            idxs = [idx for _, _, idx in sparse]
-            x_hat_all = stacked_reconstruct(
-                x_s_all, prm["W_enc"], prm["b_enc"], prm["W_dec"], prm["b_dec"], slots, idxs, pre
-            )
-            for j in slots:
-                x_hats[j] = x_hat_all[j]
-        by_slot = {j: (P, idx) for j, P, idx in sparse}
-        for j, (i, t) in enumerate(w.slots):
-            x_s, lr = begun[j]
-            if j in by_slot:
-                P, idx = by_slot[j]
-                yield j, (i, t, (x_s, lr, x_hats[j], P, idx, None))
-                continue
-            v = w.views(j)  # dense codes with autograd, as Trainer._forward
-            P_grad = (x_s - v.b_dec) @ v.W_enc + v.b_enc
-            P = P_grad.detach()
-            idx = t.rule.select(t.sae, P, t._ws)
-            mask = torch.zeros(P.numel(), dtype=torch.bool, device=P.device)
-            mask[idx] = True
-            codes = P_grad.relu() * mask.view(P.shape)
-            yield j, (i, t, (x_s, lr, codes @ v.W_dec + v.b_dec, P, idx, codes))
+            has_aux = t.tcfg.aux_loss != "none"
+            ws = t._ws
+            if not has_aux:  # the shared buffers, with this SAE's own selection hints
+                ws, ws.hints = self._ws, t._ws.hints
+            P = affinities(x_s, det["W_enc"][j], det["b_enc"][j], det["b_dec"][j], ws)
+            idx = t.rule.select(t.sae, P, ws)
+            pre = values_at(P, idx)
+            matched = None if has_aux else t._observe(P, idx)
+            per.append((i, t, x_s, lr, P if has_aux else None, idx, pre, matched))
+        x_s_all = torch.stack([p[2] for p in per])
+        x_hat_all = stacked_reconstruct(
+            x_s_all,
+            prm["W_enc"],
+            prm["b_enc"],
+            prm["W_dec"],
+            prm["b_dec"],
+            list(range(len(per))),
+            [p[5] for p in per],
+            [p[6] for p in per],
+        )
+        for j, (i, t, x_s, lr, P, idx, _, matched) in enumerate(per):
+            x_hat = x_hat_all[j].float()
+            if P is None:
+                loss, recon, aux = t._losses(x_s, x_hat, None, None)
+            else:  # the auxiliary loss on leaves of its own, added to the stacked gradient
+                leaves = SimpleNamespace(**{n: v[j].requires_grad_(True) for n, v in det.items()})
+                w.aux_leaves.append((j, leaves))
+                loss, recon, aux = t._losses(x_s, x_hat, P, None, leaves)
+                matched = t._observe(P, idx)
+            yield i, (x_s, x_hat, matched, loss, recon, aux, lr)
 
     # -- checkpoints --
     def _manifest(self) -> dict[str, Any]:

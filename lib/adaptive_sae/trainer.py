@@ -339,12 +339,17 @@ class Trainer:
             self._fail(self.steps_done, "the gradient is non-finite")
         self.opt.step()
 
-    @torch.no_grad()
     def _after(self, x_s, x_hat, P, idx, loss, recon, aux, lr) -> dict[str, float] | None:
-        """Statistics, the rule's state, the step count and, on logged steps, the history row."""
+        """Statistics and the rule's state from this step's selection, then :meth:`_finish`."""
+        matched = self._observe(P, idx)
+        return self._finish(x_s, x_hat, matched, loss, recon, aux, lr)
+
+    @torch.no_grad()
+    def _observe(self, P: Tensor, idx: Tensor) -> Tensor:
+        """Feature statistics and the rule's observation of this step's affinities and
+        selection (neither reads the parameters); returns the matches (selected, P > 0)."""
         cfg, tcfg, stats, comm = self.cfg, self.tcfg, self.stats, self.comm
-        step, B, B_l, F = self.steps_done, tcfg.batch_size, self.local_batch_size, cfg.n_features
-        # matches are selected entries with P > 0
+        step, B, F = self.steps_done, tcfg.batch_size, cfg.n_features
         matched = idx[values_at(P, idx) > 0]
         counts = torch.bincount(matched % F, minlength=F)
         stats.update(comm.sum_(counts) if comm.world > 1 else counts, B)
@@ -356,9 +361,16 @@ class Trainer:
             stats.refit()
         else:  # between refits, features that just died join the underutilised set
             stats.underutilised_mask |= stats.dead_mask
+        return matched
+
+    @torch.no_grad()
+    def _finish(self, x_s, x_hat, matched, loss, recon, aux, lr) -> dict[str, float] | None:
+        """The rule's state after the step, resampling, the step count and the history row."""
+        cfg, tcfg, stats, comm = self.cfg, self.tcfg, self.stats, self.comm
+        step, B, B_l, F = self.steps_done, tcfg.batch_size, self.local_batch_size, cfg.n_features
         n_matched = matched.numel()
         if comm.world > 1:
-            n_matched = int(comm.sum_(torch.tensor([n_matched], device=P.device)).item())
+            n_matched = int(comm.sum_(torch.tensor([n_matched], device=matched.device)).item())
         self.rule.after_step(self.rule_state, n_matched, B, cfg, tcfg)
         every = tcfg.resample_every_tokens
         if every and ((step + 1) * B) // every > (step * B) // every:

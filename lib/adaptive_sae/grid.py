@@ -39,6 +39,7 @@ from typing import Any
 import pandas as pd
 import torch
 from torch import Tensor
+from torch.optim.adam import adam as _functional_adam
 
 from . import checkpoints, io
 from .config import ConfigError, SAEConfig, TrainConfig
@@ -84,9 +85,101 @@ class _Width:
                 g = p.grad
                 getattr(t.sae, name).grad = None if g is None else g[j]
 
+    @torch.no_grad()
+    def project_and_clip(self) -> Tensor:
+        """Each SAE's decoder-gradient projection and gradient clipping (as a lone run's
+        ``remove_parallel_grad`` and ``clip_grad_norm_``) on the stacked tensors; returns the
+        gradient norms (n,) before clipping."""
+        W, g = self.params["W_dec"], self.params["W_dec"].grad
+        if g is not None:
+            g -= (g * W).sum(-1, keepdim=True) * W
+        grads = [p.grad for p in self.params.values() if p.grad is not None]
+        norms = torch.stack([torch.linalg.vector_norm(gr.flatten(1), dim=1) for gr in grads])
+        total = torch.linalg.vector_norm(norms, dim=0)  # (n,)
+        clip = torch.tensor([float(t.tcfg.grad_clip) for _, t in self.slots], device=W.device)
+        coef = torch.where(clip > 0, (clip / (total + 1e-6)).clamp(max=1.0), 1.0)
+        for gr in grads:
+            gr.mul_(coef.view(-1, *([1] * (gr.ndim - 1))).to(gr.dtype))
+        return total
+
+    @torch.no_grad()
+    def normalize_decoders(self) -> None:
+        W = self.params["W_dec"]
+        W /= W.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
     def zero_grad(self) -> None:
         for p in self.params.values():
             p.grad = None
+
+
+def _clip(t: Trainer) -> Tensor:
+    params = list(t.sae.parameters())
+    if t.tcfg.grad_clip > 0:
+        return torch.nn.utils.clip_grad_norm_(params, t.tcfg.grad_clip)
+    return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+
+
+@torch.no_grad()
+def _adam_steps(trainers: Sequence[Trainer]) -> None:
+    """Every SAE's Adam step (its own optimiser's state and settings), one fused call per
+    distinct (lr, betas, eps, weight decay): what each ``Adam(fused=True).step()`` computes."""
+    groups: dict[tuple, list[list[Tensor]]] = {}
+    for t in trainers:
+        for group in t.opt.param_groups:
+            beta1, beta2 = group["betas"]
+            key = (
+                float(group["lr"]),
+                float(beta1),
+                float(beta2),
+                float(group["eps"]),
+                float(group["weight_decay"]),
+                bool(group.get("decoupled_weight_decay", False)),
+                bool(group.get("amsgrad", False)),
+                bool(group.get("maximize", False)),
+            )
+            lists = groups.setdefault(key, [[], [], [], [], [], []])
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = t.opt.state[p]
+                if len(state) == 0:  # as Adam's lazy initialisation (fused: step on device)
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    if key[6]:
+                        state["max_exp_avg_sq"] = torch.zeros_like(p)
+                for lst, v in zip(
+                    lists,
+                    (
+                        p,
+                        p.grad,
+                        state["exp_avg"],
+                        state["exp_avg_sq"],
+                        state.get("max_exp_avg_sq"),
+                        state["step"],
+                    ),
+                ):
+                    if v is not None:
+                        lst.append(v)
+    for key, (params, grads, m, v, vmax, steps) in groups.items():
+        lr, beta1, beta2, eps, wd, decoupled, amsgrad, maximize = key
+        _functional_adam(
+            params,
+            grads,
+            m,
+            v,
+            vmax,
+            steps,
+            fused=True,
+            decoupled_weight_decay=decoupled,
+            amsgrad=amsgrad,
+            beta1=beta1,
+            beta2=beta2,
+            lr=lr,
+            weight_decay=wd,
+            eps=eps,
+            maximize=maximize,
+        )
 
 
 class GridTrainer:
@@ -194,22 +287,22 @@ class GridTrainer:
         for w in self.widths:
             w.hand_out_grads()
         norms = []
-        for t in self.trainers:
+        for w in self.widths:  # one pass over the stacked gradients of each width
+            norms.append(w.project_and_clip())
+        for _, t in self.dense:
             t.sae.remove_parallel_grad()
-            params = list(t.sae.parameters())
-            if t.tcfg.grad_clip > 0:
-                norms.append(torch.nn.utils.clip_grad_norm_(params, t.tcfg.grad_clip))
-            else:
-                norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
-        norms_ = torch.stack(norms)
+            norms.append(_clip(t).reshape(1))
+        order = [i for w in self.widths for i, _ in w.slots] + [i for i, _ in self.dense]
+        norms_ = torch.cat(norms)
         if not bool(torch.isfinite(norms_).all()):
-            bad = int((~torch.isfinite(norms_)).nonzero()[0, 0])
+            bad = order[int((~torch.isfinite(norms_)).nonzero()[0, 0])]
             self._fail(step, f"SAE {bad}'s gradient is non-finite")
-        rows = []
-        for t, s in zip(self.trainers, state):
-            t.opt.step()
+        _adam_steps(self.trainers)
+        for w in self.widths:
+            w.normalize_decoders()
+        for _, t in self.dense:
             t.sae.normalize_decoder()
-            rows.append(t._finish(*s))
+        rows = [t._finish(*s) for t, s in zip(self.trainers, state)]
         return rows
 
     def _forward_width(self, w: _Width, xs: list[Tensor]):

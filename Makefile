@@ -48,11 +48,14 @@ quick: $(STAMP)
 	$(PY) -m adaptive_sae.quick
 
 # Every sweep of papermill_runs/ at its reproduction scale (points already done are skipped;
-# failures are recorded and the rest still run), then the book. JOBS points run at once.
+# failures are recorded and the rest still run), then the book. The points run as Ray tasks on
+# a local Ray instance with JOBS points at once, or on the cluster at ADDRESS (from
+# `ray start --head`; see the README's Sweeps section) when it is given.
 JOBS ?= 2
+ADDRESS ?=
 reproduce: $(STAMP)
-	$(PY) -m adaptive_sae.sweep papermill_runs/*.yaml --jobs $(JOBS); status=$$?; \
-	$(MAKE) book && exit $$status
+	$(PY) -m adaptive_sae.sweep papermill_runs/*.yaml $(if $(ADDRESS),--address $(ADDRESS),--jobs $(JOBS)); \
+	status=$$?; $(MAKE) book && exit $$status
 
 # Renders the notebooks the sweeps executed (papermill_runs/<sweep>/*.ipynb); never executes.
 book: $(STAMP)

@@ -16,7 +16,7 @@ seeds = [0]
 lr = 0.001
 rules = ["a", "b"]
 attempts = ""  # a file: each attempt appends its kernel's pid
-hold = ""  # a file: the notebook waits while it exists
+hold = ""  # a file name with {x}: the notebook waits while that file exists
 run_name = "quick"
 """
 
@@ -29,7 +29,7 @@ from adaptive_sae import results
 if attempts:
     with open(attempts, "a") as fh:
         fh.write(f"{x} {os.getpid()}\\n")
-while hold and os.path.exists(hold):
+while hold and os.path.exists(hold.format(x=x)):
     time.sleep(0.05)
 if x == 2:
     raise RuntimeError("point x=2 fails on purpose")

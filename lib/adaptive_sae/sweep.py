@@ -735,6 +735,8 @@ def _connect(address: str | None, cpus: int) -> bool:
         # when it is imported; a driver given an address must say that it has the token
         os.environ.setdefault("RAY_AUTH_MODE", "token")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # a busy machine starts a node's agents slowly; Ray's raylet gives them 15 s by default
+    os.environ.setdefault("RAY_raylet_start_wait_time_s", "60")
     import ray
 
     if ray.is_initialized():

@@ -414,28 +414,76 @@ def train_grid(
     another learning rate. ``device`` is where the SAEs train ("cpu", "cuda", ...)."""
     from tqdm.auto import tqdm
 
+    from .grid import train_many
+
     variants = [as_variant(v) for v in variants]
     combos = list(
         itertools.product(input_scalings, widths, k_values, aux_losses, variants, lrs, seeds)
     )
-    rows, hists, dens, l0s, kept = [], [], [], [], []
-    for scaling, width, k, aux, variant, lr, seed in tqdm(
-        combos, desc="training SAEs", unit="SAE", disable=not progress
-    ):
-        trained = train_one(
-            data,
-            variant,
-            k=k,
-            n_features=width,
-            seed=seed,
-            batch_size=batch_size,
-            total_tokens=total_tokens,
-            aux_loss=aux,
-            input_scaling=scaling,
-            lr=lr,
-            sae_kwargs=sae_kwargs,
-            train_kwargs={"device": device, **dict(train_kwargs or {})},
+    # every SAE in one pass over the data (adaptive_sae.grid): the combinations are grouped by
+    # what SAEs trained together must share (a variant may override it) and chunked so that
+    # their parameters, optimiser state and affinities stay within ~1 GiB
+    configs = []
+    for scaling, width, k, aux, variant, lr, seed in combos:
+        if isinstance(data, torch.Tensor):
+            d_in = int(data.shape[1])
+        else:
+            d_in = int(data.d_in)
+        sae_fields = {"input_scaling": scaling, **dict(sae_kwargs or {}), **dict(variant.sae)}
+        cfg = SAEConfig(d_in=d_in, n_features=width, rule=variant.rule, k=k, **sae_fields)
+        train_fields = {
+            "aux_loss": aux,
+            "lr": lr,
+            **{"device": device, **dict(train_kwargs or {})},
+            **dict(variant.train),
+        }
+        tcfg = TrainConfig(
+            batch_size=batch_size, total_tokens=total_tokens, seed=seed, **train_fields
         )
+        configs.append((cfg, tcfg))
+    shared = lambda t: (  # noqa: E731
+        t.batch_size,
+        t.total_tokens,
+        t.device,
+        t.autocast_bf16,
+        t.checkpoint_every,
+    )
+    chunks: dict[tuple, list[list[int]]] = {}
+    for i, (cfg, tcfg) in enumerate(configs):
+        F, d, B = cfg.n_features, cfg.d_in, tcfg.batch_size
+        cost = 16 * (2 * d * F + F + d) + (4 * B * F if tcfg.aux_loss != "none" else 0)
+        runs_of = chunks.setdefault(shared(tcfg), [[]])
+        if runs_of[-1] and sum(c for _, c in runs_of[-1]) + cost > 2**30:
+            runs_of.append([])
+        runs_of[-1].append((i, cost))
+    trained_all: list[Trained | None] = [None] * len(combos)
+    bar = tqdm(total=len(combos), desc="training SAEs", unit="SAE", disable=not progress)
+    for runs_of in chunks.values():
+        for chunk in runs_of:
+            ids = [i for i, _ in chunk]
+            t0 = time.perf_counter()
+            runs = train_many([configs[i] for i in ids], data)
+            seconds = (time.perf_counter() - t0) / len(ids)  # the grid's time, shared equally
+            for i, run in zip(ids, runs):
+                scaling, width, k, aux, variant, lr, seed = combos[i]
+                cfg, tcfg = configs[i]
+                trained_all[i] = Trained(
+                    variant.name,
+                    variant.rule,
+                    k,
+                    width,
+                    seed,
+                    tcfg.aux_loss,
+                    cfg.input_scaling,
+                    run,
+                    seconds,
+                )
+            bar.update(len(ids))
+    bar.close()
+    rows, hists, dens, l0s, kept = [], [], [], [], []
+    for i in range(len(combos)):
+        trained, trained_all[i] = trained_all[i], None
+        width = combos[i][1]
         key = trained.key()
         h = trained.run.history
         # history columns that share a name with a setting hold per-step values

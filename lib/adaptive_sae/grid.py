@@ -36,6 +36,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
@@ -418,6 +419,11 @@ class GridTrainer:
         """Train every SAE until ``total_tokens`` on ``data`` (as :func:`adaptive_sae.train`
         reads it), one pass; returns one TrainRun per member, in order."""
         B, d = self.batch_size, self.d_in
+        if isinstance(data, np.ndarray) or (
+            isinstance(data, (list, tuple)) and data and isinstance(data[0], (list, tuple))
+        ):  # array-likes become one tensor, as batch_stream reads them
+            data = torch.as_tensor(np.asarray(data, dtype=np.float32))
+        # a tensor is shuffled per seed (each SAE sees its lone run's batches); else one stream
         keys = [t.tcfg.seed if isinstance(data, Tensor) else 0 for t in self.trainers]
         streams = {
             k: batch_stream(data, B, d, k, start=self.steps_done) for k in dict.fromkeys(keys)

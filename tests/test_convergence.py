@@ -181,3 +181,22 @@ def test_real_tiny_comparison_is_exported_and_reports_every_rule():
     assert (table["nmse_mean"] > 0).all() and (table["nmse_mean"] < 1.5).all()
     assert table["lr_below"].lt(table["lr"]).all() and table["lr"].lt(table["lr_above"]).all()
     assert table.set_index("rule").loc["topk", "l0_mean_mean"] <= 2 + 1e-9
+
+
+def test_train_uses_the_documented_default_learning_rate():
+    """The default measured for short runs and small dictionaries (TrainConfig.lr):
+    3.5e-3 / sqrt(F / 2**14), with the default warm-up and decay, is what train runs with."""
+    from adaptive_sae.trainer import lr_at
+
+    assert adaptive_sae.TrainConfig().lr is None
+    x = torch.randn(512, 8, generator=torch.Generator().manual_seed(0))
+    F = 32
+    cfg = adaptive_sae.SAEConfig(d_in=8, n_features=F, rule="topk", k=2)
+    tcfg = adaptive_sae.TrainConfig(batch_size=64, total_tokens=64 * 20, log_every=1)
+    run = adaptive_sae.train(cfg, tcfg, x)
+    expected = 3.5e-3 / math.sqrt(F / 2**14)
+    assert run.info["lr"] == pytest.approx(expected)
+    steps = run.history["step"].to_numpy() - 1
+    want = [lr_at(int(s), 20, expected, 0.05, 0.2) for s in steps]
+    assert run.history["lr"].to_numpy() == pytest.approx(want)
+    assert max(run.history["lr"]) == pytest.approx(expected)

@@ -190,7 +190,7 @@ class TrainConfig(_JsonMixin):
     of that of the learning rate compare_rules brackets at the same budget, for TopK / Mutual
     Choice / Feature Choice Zipf: +4.3 / -5.9 / +1.3 percent at 400k tokens, +1.2 / +1.9 /
     +2.7 percent at 1.6M; the former 2e-4 / sqrt(F / 2**14) gave +73 / +135 / +117 percent at
-    400k."""
+    400k and +26 / +63 / +66 percent at 1.6M."""
     adam_betas: tuple[float, float] = (0.9, 0.999)
     """Adam betas."""
     warmup_fraction: float = 0.05

@@ -1,0 +1,99 @@
+"""The fast paths of the lean step against the naive oracles (``tests/oracles.py``): a
+selection's shortcut may change its speed, never its result."""
+
+from __future__ import annotations
+
+import oracles
+import pytest
+import torch
+from adaptive_sae.rules import mutual_choice
+from adaptive_sae.rules.mutual_choice import select_mutual_choice
+from adaptive_sae.sparse_ops import Workspace, sparse_reconstruct, stacked_reconstruct
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+
+def _as_set(idx: torch.Tensor) -> set[int]:
+    return set(idx.tolist())
+
+
+@pytest.mark.parametrize("B,F,k", [(256, 512, 8), (1024, 512, 8), (600, 1000, 2.5)])
+def test_mutual_choice_with_the_previous_threshold_is_exact(B, F, k, monkeypatch):
+    """Over a drifting sequence of batches the workspace's threshold is reused (the candidate
+    pass runs without a sample), and every selection is the exact top K."""
+    g = torch.Generator().manual_seed(B)
+    ws = Workspace()
+    calls = []
+    real = mutual_choice.entries_at_least
+    monkeypatch.setattr(mutual_choice, "entries_at_least", lambda *a: calls.append(1) or real(*a))
+    K = int(k * B)
+    for step in range(6):
+        P = torch.randn(B, F, generator=g) + 0.05 * step  # the affinities drift
+        idx = select_mutual_choice(P, K, ws)
+        assert idx.numel() == K and bool((idx[1:] > idx[:-1]).all())
+        assert _as_set(idx) == _as_set(oracles.global_topk_indices(P, K))
+    assert "mutual_choice" in ws.hints
+    assert len(calls) >= 5  # the threshold pass ran (from the hint) on the later steps
+
+
+@pytest.mark.parametrize("hint", [float("inf"), -float("inf"), 1e9, -1e9])
+def test_a_useless_threshold_falls_back_and_stays_exact(hint):
+    """A hint leaving fewer than K candidates, or more than 4K, is not used."""
+    B, F, K = 512, 1024, 4096
+    P = torch.randn(B, F, generator=torch.Generator().manual_seed(1))
+    ws = Workspace()
+    ws.hints["mutual_choice"] = torch.tensor(hint)
+    idx = select_mutual_choice(P, K, ws)
+    assert _as_set(idx) == _as_set(oracles.global_topk_indices(P, K))
+    assert float(ws.hints["mutual_choice"]) != hint  # replaced by a threshold that holds
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    B=st.integers(8, 64),
+    F=st.integers(8, 96),
+    frac=st.floats(0.01, 0.5),
+    shift=st.floats(-3, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_mutual_choice_any_hint_is_exact(B, F, frac, shift, seed):
+    P = torch.randn(B, F, generator=torch.Generator().manual_seed(seed))
+    K = max(1, int(frac * B * F))
+    ws = Workspace()
+    ws.hints["mutual_choice"] = torch.tensor(shift)
+    idx = select_mutual_choice(P, K, ws)
+    assert _as_set(idx) == _as_set(oracles.global_topk_indices(P, K))
+
+
+def test_stacked_reconstruction_equals_each_sae_alone():
+    """Three SAEs of one width through one stacked call: outputs and every gradient equal the
+    lone kernel's (one slot empty: x̂ = b_dec, zero gradients)."""
+    g = torch.Generator().manual_seed(0)
+    n, B, d, F = 3, 32, 8, 24
+    W_enc = torch.randn(n, d, F, generator=g, requires_grad=True)
+    b_enc = torch.randn(n, F, generator=g, requires_grad=True)
+    W_dec = torch.randn(n, F, d, generator=g, requires_grad=True)
+    b_dec = torch.randn(n, d, generator=g, requires_grad=True)
+    x = torch.randn(n, B, d, generator=g)
+    slots, idxs, pres = [0, 2], [], []
+    for s in slots:
+        P = ((x[s] - b_dec[s]) @ W_enc[s] + b_enc[s]).detach()
+        idx = P.topk(3, dim=1).indices.sort(1).values + torch.arange(B).unsqueeze(1) * F
+        idxs.append(idx.reshape(-1))
+        pres.append(P.reshape(-1)[idxs[-1]])
+    target = torch.randn(n, B, d, generator=g)
+    out = stacked_reconstruct(x, W_enc, b_enc, W_dec, b_dec, slots, idxs, pres)
+    (out[slots] - target[slots]).pow(2).sum().backward()  # slot 1's x̂ unused
+    stacked = [p.grad.clone() for p in (W_enc, b_enc, W_dec, b_dec)]
+    torch.testing.assert_close(out[1], b_dec[1].expand(B, d))
+    for p in (W_enc, b_enc, W_dec, b_dec):
+        assert torch.count_nonzero(p.grad[1]) == 0  # slot 1 has no entry
+    for s, idx in zip(slots, idxs):
+        leaves = [p[s].detach().clone().requires_grad_(True) for p in (W_enc, b_enc, W_dec, b_dec)]
+        We, be, Wd, bd = leaves
+        P = ((x[s] - bd) @ We + be).detach()
+        alone = sparse_reconstruct(x[s], We, be, Wd, bd, idx, P).x_hat
+        torch.testing.assert_close(out[s], alone, rtol=1e-6, atol=1e-6)
+        (alone - target[s]).pow(2).sum().backward()
+        for got, leaf in zip(stacked, leaves):
+            torch.testing.assert_close(got[s], leaf.grad, rtol=1e-5, atol=1e-5)

@@ -200,3 +200,18 @@ def test_train_uses_the_documented_default_learning_rate():
     want = [lr_at(int(s), 20, expected, 0.05, 0.2) for s in steps]
     assert run.history["lr"].to_numpy() == pytest.approx(want)
     assert max(run.history["lr"]) == pytest.approx(expected)
+
+
+def test_study_writes_tables_and_figures(tmp_path):
+    kwargs = dict(
+        rules=["topk", "mutual_choice"], k=2, n_features=16, batch_size=64, seeds=[0, 1],
+        max_tokens=64 * 16, start_tokens=64 * 8, lrs=[3e-3, 1e-2, 3e-2], data_tokens=2048,
+        eval_tokens=256, synthetic={"d_in": 8, "n_true_features": 16, "k_true": 2}, log=None,
+    )  # fmt: skip
+    conv = convergence.study("synthetic", tmp_path / "convergence" / "s", **kwargs)
+    out = tmp_path / "convergence" / "s"
+    for name in ("table.csv", "curve.csv", "lr_trials.csv", "runs.csv", "summary.md",
+                 "nmse_vs_tokens.png", "lr_bracket.svg", "provenance.json"):  # fmt: skip
+        assert (out / name).is_file(), name
+    assert "converged: False" in (out / "summary.md").read_text()
+    assert len(conv.curve) == 2 * 2  # two budgets x two rules

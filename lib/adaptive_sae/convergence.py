@@ -491,7 +491,47 @@ def study(
     )
     for name in ("table", "curve", "lr_trials", "runs"):
         write_csv(out / f"{name}.csv", getattr(conv, name))
+    params = dict(
+        source=source, rules=list(rules), k=k, n_features=n_features, batch_size=batch_size,
+        seeds=list(seeds), max_tokens=max_tokens, start_tokens=start_tokens, lrs=list(lrs),
+        data_tokens=data_tokens, eval_tokens=eval_tokens, synthetic=dict(synthetic or {}),
+        lm=dict(lm or {}),
+    )  # fmt: skip
+    write_report(out, params, src)
     return conv
+
+
+def write_report(out, parameters: Mapping[str, Any], source: Any = None) -> None:
+    """Figures (NMSE against the budget, the final learning-rate brackets), ``summary.md``
+    (mean ± std per rule, budget, bracket, converged) and ``provenance.json`` in the folder of
+    a finished :func:`study`, drawn from its saved tables."""
+    from . import plots, results
+
+    out = Path(out)
+    curve, table = pd.read_csv(out / "curve.csv"), pd.read_csv(out / "table.csv")
+    trials = pd.read_csv(out / "lr_trials.csv")
+    plots.set_style()
+    rd = results.ResultsDir(out.parent.name, out.name, root=out.parent.parent)
+    rd.save_figure(plots.convergence_curve(curve), "nmse_vs_tokens")
+    rd.save_figure(plots.lr_bracket(trials, int(table["tokens"].iloc[0])), "lr_bracket")
+    metrics = ["nmse", "nmse_inference", "dead_pct", "l0_std"]
+    text = mean_std_text(table, metrics)
+    cols = ["rule", *metrics, "lr", "lr_below", "lr_above", "tokens", "epochs", "converged"]
+    lines = [
+        f"Final budget {int(table['tokens'].iloc[0]):,} tokens, {int(table['seeds'].iloc[0])} "
+        f"seeds on test tokens; converged: {bool(table['converged'].all())}.",
+        "",
+        text[[c for c in cols if c in text]].to_markdown(index=False),
+        "",
+        "Validation NMSE (search seed) at each budget and its best learning rate:",
+        "",
+        curve.pivot(index="tokens", columns="rule", values="nmse_val").to_markdown(),
+        "",
+        curve.pivot(index="tokens", columns="rule", values="lr").to_markdown(),
+        "",
+    ]
+    rd._record(atomic_write_text(out / "summary.md", "\n".join(lines)))
+    rd.save_provenance(dict(parameters), source=source, seeds=parameters.get("seeds"))
 
 
 __all__ = [
@@ -500,6 +540,7 @@ __all__ = [
     "converge",
     "mean_std_text",
     "study",
+    "write_report",
     "verdict_changes",
 ]
 

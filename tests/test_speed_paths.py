@@ -97,3 +97,70 @@ def test_stacked_reconstruction_equals_each_sae_alone():
         (alone - target[s]).pow(2).sum().backward()
         for got, leaf in zip(stacked, leaves):
             torch.testing.assert_close(got[s], leaf.grad, rtol=1e-5, atol=1e-5)
+
+
+# ----- non-finite checks read every few steps -------------------------------------------------------
+def _cfgs(rule="topk", **train):
+    import adaptive_sae as asae
+
+    cfg = asae.SAEConfig(d_in=16, n_features=64, rule=rule, k=4)
+    tcfg = asae.TrainConfig(
+        batch_size=128, total_tokens=128 * 20, init_sample_tokens=256, log_every=3, **train
+    )
+    return cfg, tcfg
+
+
+def _x(n=4096):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, 16, generator=g) @ torch.randn(16, 16, generator=g)
+
+
+def _fit(cfg, tcfg, data, every, ckpt=None):
+    import adaptive_sae as asae
+
+    t = asae.Trainer(cfg, tcfg, ckpt)
+    t.check_every = every
+    return t.fit(data)
+
+
+@pytest.mark.parametrize("rule", ["mutual_choice", "feature_choice_zipf"])
+def test_checks_every_few_steps_train_bit_for_bit_as_every_step(rule):
+    cfg, tcfg = _cfgs(rule, aux_loss="aux_zipf")
+    a, b = _fit(cfg, tcfg, _x(), 1), _fit(cfg, tcfg, _x(), 7)
+    for k, v in a.sae.state_dict().items():
+        assert torch.equal(v.nan_to_num(), b.sae.state_dict()[k].nan_to_num()), k
+    assert a.history.equals(b.history)
+
+
+@pytest.mark.parametrize("every", [1, 4, 32])
+def test_a_nan_found_late_stops_at_its_step_with_the_last_good_checkpoint(every, tmp_path):
+    """The batch of step 7 holds a NaN; read back at step 8 (every=4) or at the end (32), the
+    failure is the same as when checked at once: step 7 named, step 7's good state saved."""
+    import json
+
+    import adaptive_sae as asae
+
+    x = _x()
+    x[128 * 7 + 3, 2] = float("nan")
+    cfg, tcfg = _cfgs(checkpoint_every=5)
+    batches = [x[i * 128 : (i + 1) * 128] for i in range(tcfg.n_steps)]
+    with pytest.raises(asae.NonFiniteError, match="step 7: the batch holds non-finite"):
+        _fit(cfg, tcfg, batches, every, tmp_path / str(every))
+    state = json.loads((tmp_path / str(every) / "step_00000007" / "trainer_state.json").read_text())
+    assert state["step"] == 7
+    sae = asae.SparseAutoencoder.load(tmp_path / str(every) / "step_00000007")
+    with pytest.raises(asae.NonFiniteError):
+        _fit(cfg, tcfg, batches, 1, tmp_path / "ref")  # checked at every step
+    ref = asae.SparseAutoencoder.load(tmp_path / "ref" / "step_00000007")
+    for k, v in sae.state_dict().items():
+        assert torch.equal(v.nan_to_num(), ref.state_dict()[k].nan_to_num()), k
+    assert (tmp_path / str(every) / "step_00000005").exists()  # checked before it was saved
+
+
+def test_a_diverging_loss_found_late_is_named():
+    import adaptive_sae as asae
+
+    cfg = asae.SAEConfig(d_in=16, n_features=64, rule="topk", k=4, input_scaling="none")
+    _, tcfg = _cfgs()
+    with pytest.raises(asae.NonFiniteError, match=r"step 0: the loss is (inf|nan)"):
+        _fit(cfg, tcfg, _x() * 1e25, 8)

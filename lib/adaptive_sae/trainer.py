@@ -11,6 +11,7 @@ already consumed are skipped, so the stream must be deterministic (sources are).
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import os
@@ -176,6 +177,11 @@ class Trainer:
         self.rows: list[dict[str, float]] = []
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self._ws = Workspace()  # the B×F affinities reused across steps
+        # Non-finite checks: every step on a CPU (a check costs nothing there); on an
+        # accelerator flags accumulate on the device and are read every check_every steps,
+        # the state at the start of the window kept to replay it (see verify())
+        self.check_every = 1 if self.device.type == "cpu" else 16
+        self._window: dict[str, Any] | None = None
         # data parallel when launched in a process group (torchrun); one process otherwise
         self.comm = current_comm()
         if tcfg.batch_size % self.comm.world:
@@ -187,6 +193,7 @@ class Trainer:
 
     # -- state --
     def save_checkpoint(self) -> Path | None:
+        self.verify()  # only a state whose steps were all checked is saved
         if self.checkpoint_dir is None or self.comm.rank != 0:  # rank 0 writes for all
             return None
         state = {"rule_state": self.rule_state, "rows": self.rows}
@@ -277,12 +284,17 @@ class Trainer:
         """One optimiser step on a batch x (B, d) of raw activations (under data parallelism,
         this rank's (B/W, d) share of the global batch). Returns the history row on logged
         steps (every ``log_every`` and the last), else None."""
+        deferred = self.check_every > 1 and self.comm.world == 1
+        if deferred:
+            self._open_window(x)
         x_s, lr = self._begin(x)
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.tcfg.autocast_bf16):
             x_hat, P, idx, codes = self._forward(x_s)
             x_hat = x_hat.float()
             loss, recon, aux = self._losses(x_s, x_hat, P, codes)
-        if self.comm.world == 1 and not bool(torch.isfinite(loss)):
+        if deferred:
+            self._flag(1, ~torch.isfinite(loss))
+        elif self.comm.world == 1 and not bool(torch.isfinite(loss)):
             self._fail(self.steps_done, f"the loss is {loss.item()}")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -291,7 +303,56 @@ class Trainer:
         self.sae.remove_parallel_grad()
         self._clip_and_update()
         self.sae.normalize_decoder()
-        return self._after(x_s, x_hat, P, idx, loss, recon, aux, lr)
+        row = self._after(x_s, x_hat, P, idx, loss, recon, aux, lr)
+        if deferred and (
+            self.steps_done % self.check_every == 0 or self.steps_done == self.tcfg.n_steps
+        ):
+            self.verify()
+        return row
+
+    # -- non-finite checks read every check_every steps --
+    def _open_window(self, x: Tensor) -> None:
+        """Keep the batch; at the start of a window, the state to replay it from."""
+        if self._window is None:
+            clone = lambda d: {k: v.detach().clone() for k, v in d.items()}  # noqa: E731
+            self._window = {
+                "step": self.steps_done,
+                "sae": clone(self.sae.state_dict()),
+                "opt": copy.deepcopy(self.opt.state_dict()),
+                "stats": clone(self.stats.state_dict()),
+                "rule_state": dict(self.rule_state),
+                "rows": len(self.rows),
+                "batches": [],
+                "flags": torch.zeros(self.check_every, 3, dtype=torch.bool, device=self.device),
+            }
+        self._window["batches"].append(x)
+
+    def _flag(self, what: int, bad: Tensor) -> None:
+        """Record (without reading it back) a non-finite batch (0), loss (1) or gradient (2)."""
+        w = self._window
+        if w is not None and len(w["batches"]) <= w["flags"].shape[0]:
+            w["flags"][len(w["batches"]) - 1, what] = bad
+
+    def verify(self) -> None:
+        """Read the non-finite flags of the steps since the last check (one transfer). If one
+        is set, go back to the state before the window and replay it with a check every step:
+        the failing step stops with its own message and the last good state is saved, exactly
+        as with ``check_every=1``."""
+        w, self._window = self._window, None
+        if w is None or not bool(w["flags"].any()):
+            return
+        self.sae.load_state_dict(w["sae"])
+        self.opt.load_state_dict(w["opt"])
+        self.stats.load_state_dict(w["stats"])
+        self.rule_state, self.rows = w["rule_state"], self.rows[: w["rows"]]
+        self.steps_done = w["step"]
+        every, self.check_every = self.check_every, 1
+        try:
+            for x in w["batches"]:
+                self.step(x)
+        finally:
+            self.check_every = every
+        self._fail(self.steps_done, "a non-finite value was flagged but did not recur on replay")
 
     # -- the phases of a step (``adaptive_sae.grid`` runs them for many SAEs at once) --
     def _begin(self, x: Tensor, checked: bool = False) -> tuple[Tensor, float]:
@@ -302,7 +363,9 @@ class Trainer:
             bad = (~torch.isfinite(x)).any()
             if comm.world > 1:
                 bad = comm.sum_(bad.double().reshape(1)) > 0
-            if bool(bad):
+            if self._window is not None and self.check_every > 1:
+                self._flag(0, bad)
+            elif bool(bad):
                 self._fail(step, "the batch holds non-finite activations")
         lr = lr_at(step, tcfg.n_steps, self.base_lr, tcfg.warmup_fraction, tcfg.decay_fraction)
         for group in self.opt.param_groups:
@@ -335,7 +398,9 @@ class Trainer:
             gnorm = torch.nn.utils.clip_grad_norm_(params, self.tcfg.grad_clip)
         else:
             gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
-        if not bool(torch.isfinite(gnorm)):
+        if self._window is not None and self.check_every > 1:
+            self._flag(2, ~torch.isfinite(gnorm))
+        elif not bool(torch.isfinite(gnorm)):
             self._fail(self.steps_done, "the gradient is non-finite")
         self.opt.step()
 

@@ -339,8 +339,10 @@ class GridTrainer:
             [p[5] for p in per],
             [p[6] for p in per],
         )
+        # unbind: one gradient (n, B, d) for all, not a zero-filled one per SAE as slices give
+        x_hats = x_hat_all.unbind(0)
         for j, (i, t, x_s, lr, P, idx, _, matched) in enumerate(per):
-            x_hat = x_hat_all[j].float()
+            x_hat = x_hats[j].float()
             if P is None:
                 loss, recon, aux = t._losses(x_s, x_hat, None, None)
             else:  # the auxiliary loss on leaves of its own, added to the stacked gradient

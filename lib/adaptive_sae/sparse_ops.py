@@ -317,7 +317,7 @@ class _StackedReconstruct(torch.autograd.Function):
         gx = g_xhat.to(wdt).reshape(n * B, d).contiguous()
         g = sampled_dots(gx, W_dec.reshape(n * F, d), rows, cols, row_counts)
         gP = g * active
-        perm = torch.argsort(cols * (n * B) + rows)
+        perm = torch.argsort(cols, stable=True)  # entries are in row order: (col, row) order
         rows_c = rows[perm]
         col_off = exclusive_cumsum(torch.bincount(cols, minlength=n * F))
         xc = (x_s - b_dec.unsqueeze(1)).to(wdt).reshape(n * B, d)

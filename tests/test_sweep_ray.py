@@ -356,23 +356,41 @@ def test_ctrl_c_stops_at_once_sigkill_leaves_nothing_running_and_the_rerun_resum
     assert not list(s.output_dir.glob(".*")), "no temporary files beside the outputs"
 
 
-def test_without_an_address_a_local_instance_runs_the_sweep(cluster, workdir):
+def test_without_an_address_a_local_instance_runs_the_sweep_and_stops_on_ctrl_c(cluster, workdir):
     """What `make reproduce` does: no address, a local Ray instance of --jobs CPUs, stopped at
-    the end (the cluster of this module is running and must not be joined)."""
-    spec = write_sweep(workdir, grid={"x": [1]}, seeds=[0, 1])
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    t0 = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "adaptive_sae.sweep", str(spec), "--jobs", "2"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
+    the end (the cluster of this module is running and must not be joined). Its processes share
+    the driver's process group, so a terminal's Ctrl-C reaches them all: the sweep must still
+    stop cleanly, with the interrupted point not done."""
+    log = workdir / "attempts.txt"
+    (workdir / "hold-0").touch()
+    spec = write_sweep(
+        workdir,
+        grid={"x": [0]},
+        seeds=[0, 1],
+        parameters={"attempts": str(log), "hold": str(workdir / "hold-{x}")},
     )
+    s = sweep.load_sweep(spec)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    command = [sys.executable, "-m", "adaptive_sae.sweep", str(spec), "--jobs", "2"]
+    driver = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        start_new_session=True,
+    )  # fmt: skip
+    kernels = [pid for _, pid in _wait(lambda: _attempts(log)[1:2] and _attempts(log), 240, "x=0")]
+    os.killpg(driver.pid, signal.SIGINT)
+    out, err = driver.communicate(timeout=60)
+    assert driver.returncode == 130, out + err
+    assert "resume with the same command" in err and "Traceback" not in err
+    for pid in kernels:
+        _wait(lambda pid=pid: not _alive(pid), 30, "the kernels to exit")
+    assert not any(s.is_done(p) for p in s.points()) and not s.output_dir.exists()
+
+    (workdir / "hold-0").unlink()
+    t0 = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     seconds = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "2 points: 2 done" in proc.stdout
-    s = sweep.load_sweep(spec)
     assert all(s.is_done(p) for p in s.points())
     nodes = {json.loads(s.done_marker(p).read_text())["node"] for p in s.points()}
     import ray

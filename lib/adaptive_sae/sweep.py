@@ -539,6 +539,43 @@ def _node_id() -> str | None:
         return None
 
 
+def _ignore_sigint() -> Any:
+    """Ignore SIGINT in this thread's process; the previous handler, None off the main thread."""
+    try:
+        return signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:
+        return None
+
+
+class _Signals:
+    """While the sweep waits on Ray, SIGINT and SIGTERM only set a flag that the loop checks
+    every second: raised inside Ray's calls, or replaced by Ray's own SIGTERM handler, they
+    would not stop the sweep cleanly."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Signals:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[signum] = signal.signal(signum, self._note)
+            except ValueError:  # not the main thread: the caller handles interruptions
+                break
+        return self
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.received.append(signum)
+
+    def check(self) -> None:
+        if self.received:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
 def _claim(source: str) -> str:
     """What a failing cell is about: its first comment line (claim cells start with one), else
     its first line."""
@@ -588,6 +625,9 @@ def execute_point(
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         error = log = None
+        # A terminal's Ctrl-C also reaches the workers of a local instance (they share the
+        # driver's process group); the driver decides, and cancels the point by killing us.
+        sigint = _ignore_sigint()
         try:
             papermill.execute_notebook(
                 str(source),
@@ -611,6 +651,8 @@ def execute_point(
         except Exception as exc:  # a timeout, a kernel that does not start: the point fails
             error = f"{type(exc).__name__}: {_strip_ansi(str(exc)).strip()[:500]}"
         finally:
+            if sigint is not None:
+                signal.signal(signal.SIGINT, sigint)
             for k, v in saved.items():
                 if v is None:
                     os.environ.pop(k, None)
@@ -857,29 +899,31 @@ def run_sweeps(
                 )
                 pending[ref] = (sweep, p, time.perf_counter())
         finished = total - len(todo)
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
-            bar.refresh()  # the elapsed time moves while a long point runs
-            for ref in ready:
-                sweep, p, started = pending[ref]
-                try:
-                    result = ray.get(ref)
-                    error = result["error"]
-                except ray.exceptions.RayError as exc:
-                    result, error = None, _task_error(exc, retries)
-                seconds = result["seconds"] if result else time.perf_counter() - started
-                outcome = write_outcome(sweep, p, result, error, seconds)
-                del pending[ref]  # only now: an interrupted write leaves the point not done
-                outcomes[sweep.name].append(outcome)
-                finished += 1
-                line = f"[{sweep.name}] {outcome.status} {p.name} in {seconds:.0f} s"
-                if outcome.status == "failed":
-                    line += f": {outcome.error}"
-                if interactive and outcome.status == "failed":
-                    bar.write(line)
-                elif progress and not interactive:
-                    print(f"{line} ({finished}/{total})", file=sys.stderr, flush=True)
-                bar.update(1)
+        with _Signals() as signals:
+            while pending:
+                signals.check()
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+                bar.refresh()  # the elapsed time moves while a long point runs
+                for ref in ready:
+                    sweep, p, started = pending[ref]
+                    try:
+                        result = ray.get(ref)
+                        error = result["error"]
+                    except ray.exceptions.RayError as exc:
+                        result, error = None, _task_error(exc, retries)
+                    seconds = result["seconds"] if result else time.perf_counter() - started
+                    outcome = write_outcome(sweep, p, result, error, seconds)
+                    del pending[ref]  # only now: an interrupted write leaves the point not done
+                    outcomes[sweep.name].append(outcome)
+                    finished += 1
+                    line = f"[{sweep.name}] {outcome.status} {p.name} in {seconds:.0f} s"
+                    if outcome.status == "failed":
+                        line += f": {outcome.error}"
+                    if interactive and outcome.status == "failed":
+                        bar.write(line)
+                    elif progress and not interactive:
+                        print(f"{line} ({finished}/{total})", file=sys.stderr, flush=True)
+                    bar.update(1)
     except KeyboardInterrupt:
         import ray
 

@@ -44,6 +44,32 @@ def seconds(kind, mem, data) -> float:
     return time.perf_counter() - t0
 
 
+def alternate(d, F, k, B, seeds, rounds=4, steps=8) -> dict[str, float]:
+    """ms per step of all SAEs: ``Trainer.step`` of each SAE against ``GridTrainer.step``,
+    alternating blocks of steps on the same batches (load drift hits both alike); best block."""
+    from adaptive_sae.grid import GridTrainer
+
+    mem = members(d, F, k, B, 10_000, seeds)
+    data = torch.randn(B * (steps + 2), d, generator=torch.Generator().manual_seed(0))
+    xs = [data[i * B : (i + 1) * B] for i in range(steps + 2)]
+    alone = [asae.Trainer(c, t) for c, t in mem]
+    grid = GridTrainer(mem)
+    for t in alone + grid.trainers:
+        t.init_from_data(xs[0])
+    best = {"train x n": float("inf"), "grid": float("inf")}
+    for _ in range(rounds):
+        for kind in best:
+            t0 = time.perf_counter()
+            for x in xs[2:]:
+                if kind == "grid":
+                    grid.step(x)
+                else:
+                    for t in alone:
+                        t.step(x)
+            best[kind] = min(best[kind], 1e3 * (time.perf_counter() - t0) / steps)
+    return best
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--d", type=int, default=64)
@@ -58,6 +84,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--only", choices=["train", "grid"], default=None, help="one side (e.g. an older library)"
     )
+    p.add_argument("--alternate", action="store_true", help="also: steps alternated in one process")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -100,6 +127,16 @@ def main(argv=None) -> int:
                 f"| {r['B']} | {r['how']} | {r['step_ms_all']:.1f} | {r['sae_tokens_per_s']:,.0f}"
                 f" | {r['wall_s_long']:.1f} | {r['sae_tokens_per_s'] / base:.2f}× |"
             )
+    if a.alternate:
+        print("\n| B | ms per step, Trainer.step x n | ms per step, GridTrainer.step | speed-up |")
+        print("|---|---:|---:|---:|")
+        for B in a.B:
+            r = alternate(a.d, a.F, a.k, B, a.seeds)
+            print(
+                f"| {B} | {r['train x n']:.1f} | {r['grid']:.1f} | "
+                f"{r['train x n'] / r['grid']:.2f}× |"
+            )
+            rows.append({"B": B, "how": "alternate", **r})
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)

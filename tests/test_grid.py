@@ -163,3 +163,18 @@ def test_members_must_share_the_batch_and_the_budget():
         GridTrainer([a, b])
     with pytest.raises(asae.ConfigError, match="at least one"):
         GridTrainer([])
+
+
+def test_resampling_members_train_as_alone():
+    """Dead-feature resampling writes into a member's parameters and Adam state in place: in a
+    grid those are slices of the stacked tensors, and the result is still the lone run's."""
+    x = _data()
+    members = [
+        _member("topk", k=1, resample_every_tokens=128 * 3),
+        _member("mutual_choice", k=1, seed=1, resample_every_tokens=128 * 4, aux="aux_k"),
+    ]
+    runs = train_many(members, x)
+    for (cfg, tcfg), run in zip(members, runs):
+        alone = asae.train(cfg, tcfg, x)
+        assert alone.history["resampled"].iloc[-1] > 0  # resampling happened
+        _assert_same_run(run, alone, exact=False)

@@ -669,6 +669,7 @@ def convergence_curve(curve: pd.DataFrame, title: str = ""):
     for t in verdict_changes(curve)["tokens"]:
         ax.axvline(t, color="grey", ls=":", lw=1)
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())  # minor labels overlap on short spans
     ax.set_xlabel("training tokens")
     ax.set_ylabel("NMSE (validation, best learning rate)")
     ax.set_title(title or "NMSE against the training budget")
@@ -688,6 +689,7 @@ def lr_bracket(lr_trials: pd.DataFrame, tokens: int, title: str = ""):
         best = g.loc[g["nmse"].idxmin()]
         ax.scatter([best["lr"]], [best["nmse"]], s=150, facecolors="none", edgecolors=st["color"])
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())
     ax.set_xlabel("learning rate")
     ax.set_ylabel("NMSE (validation)")
     ax.set_title(title or f"Learning-rate bracket at {tokens:,} tokens")

@@ -54,6 +54,10 @@ quick: $(STAMP)
 JOBS ?= 2
 ADDRESS ?=
 reproduce: $(STAMP)
+	@if [ -z "$(ALLOW_DIRTY)" ] && ! git diff --quiet HEAD -- . ':!results'; then \
+		echo "make reproduce: the working tree differs from its commit (outside results/);"; \
+		echo "commit first so the results record true provenance, or set ALLOW_DIRTY=1."; \
+		exit 1; fi
 	$(PY) -m adaptive_sae.sweep papermill_runs/*.yaml $(if $(ADDRESS),--address $(ADDRESS),--jobs $(JOBS)); \
 	status=$$?; $(MAKE) book && exit $$status
 

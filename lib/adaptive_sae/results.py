@@ -219,7 +219,8 @@ def summary_markdown(summary, by: Sequence[str]) -> str:
 
 
 def git_state(root: str | os.PathLike | None = None) -> dict[str, Any]:
-    """The commit of the checkout and whether tracked files differ from it."""
+    """The commit of the checkout and whether tracked files other than the results
+    (``results/``, which a sweep itself rewrites point by point) differ from it."""
     root = Path(root) if root is not None else find_repo_root()
     state: dict[str, Any] = {"commit": None, "dirty": None}
     if root is None:
@@ -231,7 +232,7 @@ def git_state(root: str | os.PathLike | None = None) -> dict[str, Any]:
         if commit.returncode == 0:
             state["commit"] = commit.stdout.strip()
         status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"],
             cwd=root,
             capture_output=True,
             text=True,

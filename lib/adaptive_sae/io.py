@@ -176,8 +176,14 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def write_csv(path: str | os.PathLike, df) -> Path:
-    """Write a pandas DataFrame as CSV (no index), atomically."""
-    return atomic_write_text(path, df.to_csv(index=False, float_format="%.8g"))
+    """Write a pandas DataFrame as CSV (no index), atomically; gzip-compressed when the name
+    ends in ``.gz`` (with no timestamp in the header, so equal tables give equal bytes)."""
+    text = df.to_csv(index=False, float_format="%.8g")
+    if str(path).endswith(".gz"):
+        import gzip
+
+        return atomic_write_bytes(path, gzip.compress(text.encode(), mtime=0))
+    return atomic_write_text(path, text)
 
 
 def save_tensors(tensors: Mapping[str, Any], path: str | os.PathLike) -> Path:

@@ -378,9 +378,11 @@ class ResultsDir:
             self.files.append(path)
         return path
 
-    def save_table(self, name: str, df) -> Path:
-        """``<name>.csv`` from a DataFrame."""
-        return self._record(write_csv(self.path / f"{name}.csv", df))
+    def save_table(self, name: str, df, compress: bool = False) -> Path:
+        """``<name>.csv`` from a DataFrame (``<name>.csv.gz`` with ``compress``, for tables of
+        one row per token that would otherwise be megabytes; pandas reads either)."""
+        suffix = ".csv.gz" if compress else ".csv"
+        return self._record(write_csv(self.path / f"{name}{suffix}", df))
 
     def save_json(self, name: str, obj: Any) -> Path:
         return self._record(write_json(self.path / f"{name}.json", obj))

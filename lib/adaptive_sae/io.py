@@ -23,7 +23,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -101,25 +101,6 @@ def _tmp_prefix(path: Path) -> str:
     return f".{path.name}.p{os.getpid()}."
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 @contextlib.contextmanager
 def _atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary path beside ``path`` for a writer that wants a file name (safetensors,
@@ -138,6 +119,13 @@ def _atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+    with _atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -262,6 +250,25 @@ def atomic_folder(dest: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_replaceable(folder: str | os.PathLike, own: Iterable[str], what: str) -> Path:
+    """Refuse to replace ``folder`` (as ``atomic_folder`` does) when it holds anything but the
+    files named in ``own`` (hidden files aside): a save must not delete a user's other files."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder} exists and is not a folder; choose another path.")
+    if folder.is_dir():
+        own = set(own)
+        other = sorted(
+            p.name for p in folder.iterdir() if p.name not in own and not p.name.startswith(".")
+        )
+        if other:
+            raise FileExistsError(
+                f"{folder} holds other files ({', '.join(other[:5])}); a save replaces the whole "
+                f"folder, so save {what} into a new folder or one holding only an earlier save."
+            )
+    return folder
 
 
 def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:

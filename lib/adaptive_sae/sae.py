@@ -169,18 +169,7 @@ class SparseAutoencoder(nn.Module):
             raise ValueError(f"format={format!r} is not known; use 'suite' or 'saelens'.")
         if kwargs:
             raise TypeError(f"save() takes {sorted(kwargs)} only with format='saelens'.")
-        directory = Path(directory)
-        if directory.is_dir():
-            other = sorted(
-                p.name
-                for p in directory.iterdir()
-                if p.name not in (WEIGHTS_FILE, CONFIG_FILE) and not p.name.startswith(".")
-            )
-            if other:
-                raise FileExistsError(
-                    f"{directory} holds other files ({', '.join(other[:5])}); a save replaces "
-                    f"the whole folder, so save the SAE into its own folder."
-                )
+        directory = io.check_replaceable(directory, (WEIGHTS_FILE, CONFIG_FILE), "the SAE")
         # one unit: a concurrent reader or saver sees one whole save or another, never a mix
         with io.atomic_folder(directory) as tmp:
             io.save_tensors(dict(self.state_dict()), tmp / WEIGHTS_FILE)

@@ -22,15 +22,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
+from . import io
 from .config import ConfigError, SAEConfig
 
 CFG_FILE = "cfg.json"
@@ -139,47 +139,13 @@ def save_saelens(
         if density.shape != (F,):
             raise ValueError(f"feature_density has shape {tuple(density.shape)}; expected ({F},).")
 
-    target = Path(directory)
-    _check_replaceable(target)
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_FILE))
-        (tmp / CFG_FILE).write_text(json.dumps(sl_cfg, indent=2))
+    target = io.check_replaceable(directory, _SAELENS_FILES, "a SAELens folder")
+    with io.atomic_folder(target) as tmp:
+        io.save_tensors({k: v.contiguous() for k, v in tensors.items()}, tmp / WEIGHTS_FILE)
+        io.atomic_write_text(tmp / CFG_FILE, json.dumps(sl_cfg, indent=2))
         if density is not None:
-            save_file({"sparsity": torch.log10(density + 1e-10)}, str(tmp / SPARSITY_FILE))
-        _swap_into_place(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            io.save_tensors({"sparsity": torch.log10(density + 1e-10)}, tmp / SPARSITY_FILE)
     return target
-
-
-def _check_replaceable(target: Path) -> None:
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"{target} exists and is not a folder; choose another path.")
-    if target.is_dir():
-        others = sorted(p.name for p in target.iterdir() if p.name not in _SAELENS_FILES)
-        if others:
-            raise FileExistsError(
-                f"{target} holds other files ({others[:5]}); export a SAELens folder into an "
-                f"empty or new folder, or into one that holds only an earlier export."
-            )
-
-
-def _swap_into_place(tmp: Path, target: Path) -> None:
-    if not target.exists():
-        os.replace(tmp, target)
-        return
-    old = target.with_name(f".{target.name}.old{os.getpid()}")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(target, old)
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        os.replace(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ----- import --------------------------------------------------------------------------------

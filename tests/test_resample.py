@@ -58,3 +58,32 @@ def test_training_with_resampling_revives_features_and_is_repeatable():
     assert a.history["dead_pct"].iloc[-1] <= plain.history["dead_pct"].iloc[-1]
     for name, value in a.sae.state_dict().items():
         assert torch.equal(value, b.sae.state_dict()[name]), name
+
+
+def test_train_grid_resample_condition_is_resampling_without_aux_loss():
+    """The "resample" condition of train_grid's dead-feature axis trains with no auxiliary loss
+    and resampling, names itself in the table, and needs its interval."""
+    import pytest
+
+    from adaptive_sae import experiments as ex
+
+    data = _data(8192)
+    common = dict(variants=["mutual_choice"], seeds=[0], k_values=[2], widths=[128],
+                  batch_size=256, total_tokens=256 * 40, lrs=[3e-3], progress=False,
+                  train_kwargs=dict(dead_window_tokens=1024))  # fmt: skip
+    with pytest.raises(asae.ConfigError, match="resample_every_tokens"):
+        ex.train_grid(data, aux_losses=["none", ex.RESAMPLE], **common)
+    grid = ex.train_grid(
+        data, aux_losses=["none", ex.RESAMPLE], resample_every_tokens=2048, keep_runs=True,
+        **common,
+    )  # fmt: skip
+    by = {t.aux_loss: t for t in grid.runs}
+    assert set(grid.table["aux_loss"]) == {"none", ex.RESAMPLE}
+    assert by[ex.RESAMPLE].run.tcfg.aux_loss == "none"
+    assert by[ex.RESAMPLE].run.tcfg.resample_every_tokens == 2048
+    assert by[ex.RESAMPLE].run.history["resampled"].iloc[-1] > 0
+    assert by["none"].run.tcfg.resample_every_tokens == 0
+    # the same SAE as train() with resampling alone
+    alone = asae.train(by[ex.RESAMPLE].run.cfg, by[ex.RESAMPLE].run.tcfg, data)
+    for name, value in alone.sae.state_dict().items():
+        torch.testing.assert_close(by[ex.RESAMPLE].run.sae.state_dict()[name], value)

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from . import results, zipf
-from .config import SAEConfig, TrainConfig
+from .config import ConfigError, SAEConfig, TrainConfig
 from .metrics import evaluate
 from .rules import get_rule, rule_names
 from .sae import SparseAutoencoder
@@ -373,6 +373,10 @@ def checkpoint_curve(
 
 # ----------------------------------------------------------------------------- grids
 
+RESAMPLE = "resample"
+"""The dead-feature condition of :func:`train_grid` that resamples dead features instead of
+adding an auxiliary loss."""
+
 
 @dataclass
 class Grid:
@@ -405,18 +409,29 @@ def train_grid(
     keep_l0: bool = False,
     progress: bool = True,
     device: str = "cpu",
+    resample_every_tokens: int | None = None,
 ) -> Grid:
     """The one experiment driver: train every combination of variant (a rule name or a
     :class:`Variant`) x k x width x auxiliary loss x input scaling x learning rate x seed on the
     same data, evaluate each on ``eval_set``, and return tidy tables
     (:class:`Grid`). ``lrs`` holds learning rates to try (None: the library's default); pick the
     best per rule afterwards with :func:`best_lr`, so that no rule loses merely for preferring
-    another learning rate. ``device`` is where the SAEs train ("cpu", "cuda", ...)."""
+    another learning rate. ``device`` is where the SAEs train ("cpu", "cuda", ...).
+
+    ``aux_losses`` are the dead-feature conditions: an auxiliary loss ("none", "aux_k",
+    "aux_zipf") or :data:`RESAMPLE`, no auxiliary loss and dead features re-initialised every
+    ``resample_every_tokens`` tokens instead (Anthropic's 2023 recipe, the paper's "w/
+    resampling" baseline); the table's ``aux_loss`` column names the condition."""
     from tqdm.auto import tqdm
 
     from .grid import train_many
 
     variants = [as_variant(v) for v in variants]
+    if RESAMPLE in aux_losses and not resample_every_tokens:
+        raise ConfigError(
+            f"aux_losses includes {RESAMPLE!r} but resample_every_tokens={resample_every_tokens!r}"
+            f"; pass resample_every_tokens=N (> 0), how often dead features are re-initialised."
+        )
     combos = list(
         itertools.product(input_scalings, widths, k_values, aux_losses, variants, lrs, seeds)
     )
@@ -437,6 +452,8 @@ def train_grid(
             **{"device": device, **dict(train_kwargs or {})},
             **dict(variant.train),
         }
+        if aux == RESAMPLE:
+            train_fields.update(aux_loss="none", resample_every_tokens=resample_every_tokens)
         tcfg = TrainConfig(
             batch_size=batch_size, total_tokens=total_tokens, seed=seed, **train_fields
         )
@@ -473,7 +490,7 @@ def train_grid(
                     k,
                     width,
                     seed,
-                    tcfg.aux_loss,
+                    aux,
                     cfg.input_scaling,
                     run,
                     seconds,
@@ -824,6 +841,7 @@ __all__ = [
     "add_delta_ce",
     "EvalSet",
     "Grid",
+    "RESAMPLE",
     "Trained",
     "allocate",
     "allocation_counts",

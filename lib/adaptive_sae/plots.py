@@ -24,7 +24,12 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-AUX_LABELS = {"none": "no auxiliary loss", "aux_k": "aux_k_loss", "aux_zipf": "aux_zipf_loss"}
+AUX_LABELS = {
+    "none": "no auxiliary loss",
+    "aux_k": "aux_k_loss",
+    "aux_zipf": "aux_zipf_loss",
+    "resample": "resampling",
+}
 
 AXIS_LABELS = {
     "nmse": "NMSE (fraction of variance unexplained)",
@@ -54,7 +59,12 @@ AXIS_LABELS = {
 
 _PALETTE = sns.color_palette("colorblind", 10)
 _MARKERS = ("o", "s", "^", "v", "D", "x", "P", "*", "<", ">")
-AUX_COLORS = {"none": _PALETTE[7], "aux_k": _PALETTE[0], "aux_zipf": _PALETTE[3]}
+AUX_COLORS = {
+    "none": _PALETTE[7],
+    "aux_k": _PALETTE[0],
+    "aux_zipf": _PALETTE[3],
+    "resample": _PALETTE[2],
+}
 STYLE_COLUMNS = ("variant", "rule")
 """Columns that name what a line of a figure is, in order of preference."""
 

@@ -19,7 +19,6 @@ N_STEPS = 6
 B = 16
 
 
-
 def _cfgs(n_steps: int = N_STEPS, **train):
     cfg = asae.SAEConfig(d_in=8, n_features=32, rule="mutual_choice", k=2)
     kwargs = dict(
@@ -283,8 +282,6 @@ def test_leftovers_of_killed_saves_are_removed_and_modes_are_consistent(run_dir)
             continue  # SparseAutoencoder.save's: see the test below
         mode = stat.S_IMODE(p.stat().st_mode)
         assert mode == (io.DIR_MODE if p.is_dir() else io.FILE_MODE), (p, oct(mode))
-
-
 
 
 def test_sae_save_writes_0644_files_and_load_names_a_damaged_file(tmp_path):

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import torch
-
 import adaptive_sae as asae
+import torch
 from adaptive_sae.resample import resample_dead
 
 
@@ -64,7 +63,6 @@ def test_train_grid_resample_condition_is_resampling_without_aux_loss():
     """The "resample" condition of train_grid's dead-feature axis trains with no auxiliary loss
     and resampling, names itself in the table, and needs its interval."""
     import pytest
-
     from adaptive_sae import experiments as ex
 
     data = _data(8192)

@@ -41,7 +41,7 @@ def _worker(rank, world, init, a, out):
         t = asae.Trainer(cfg, tcfg)
         stamps, sent = [], []
 
-        def cb(step, row, t=t):
+        def cb(step, row, t=t, stamps=stamps, sent=sent):
             stamps.append(time.perf_counter())
             sent.append(t.comm.bytes)
 

@@ -3,6 +3,7 @@
     python bench/bench_small.py                         # d=64 F=512 k=8, B=256 and 1024, 1 thread
     python bench/bench_small.py --rules topk --B 1024 --json out.json
     python bench/bench_small.py --main                  # d=512 F=8192 k=32 B=4096, 2 threads
+    python bench/bench_small.py --floor                 # + the primitives a step is made of
 
 The step time is that of the whole public ``train`` (statistics, thresholds, history included):
 two runs of different lengths on the same in-memory tensor, their wall-time difference divided
@@ -37,6 +38,50 @@ def dense_ms(B: int, d: int, F: int, reps: int = 50) -> float:
     return best * 1e3
 
 
+def best_ms(fn, reps: int = 30) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
+def floor_rows(B: int, d: int, F: int, k: int) -> list[dict]:
+    """The primitives a training step is built from, each timed alone (best of many) at this
+    size, as multiples of the dense product: what no composition of them can go below."""
+    g = torch.Generator().manual_seed(0)
+    x, W = torch.randn(B, d, generator=g), torch.randn(d, F, generator=g)
+    P = x @ W
+    K = k * B
+    t = P.flatten().kthvalue(P.numel() - 2 * K).values  # a threshold holding ~2K candidates
+    PT = P.t().contiguous()
+    m = max(1, K // F)
+    keys = torch.randint(0, B * F, (K,), generator=g)
+    params = [torch.randn(d, F), torch.randn(F, d), torch.randn(F), torch.randn(d)]
+    for q in params:
+        q.grad = torch.randn_like(q)
+    opt = torch.optim.Adam(params, lr=1e-3, fused=True)
+    prims = {
+        "dense product X·W_enc (the unit)": lambda: torch.mm(x, W),
+        "one elementwise pass over P (ReLU)": lambda: P.relu(),
+        "row maxima of P (amax)": lambda: P.amax(1),
+        f"per-token top-{k} (torch.topk; TopK's selection)": lambda: P.topk(k, 1, sorted=False),
+        "P >= t and its nonzero (Mutual Choice's candidates)": lambda: (P >= t).nonzero(),
+        f"per-feature top-{m} over tokens (Feature Choice, P transposed)": lambda: PT.topk(
+            m, 1, sorted=False
+        ),
+        f"sort of K = {K} indices (grouping matches by feature)": lambda: keys.sort(),
+        "Adam step on the SAE's parameters (fused)": lambda: opt.step(),
+    }
+    unit = best_ms(prims["dense product X·W_enc (the unit)"])
+    return [
+        {"B": B, "primitive": name, "ms": (ms := best_ms(fn)), "x_dense": ms / unit}
+        for name, fn in prims.items()
+    ]
+
+
 def train_seconds(rule: str, d: int, F: int, k: int, B: int, steps: int, data, aux: str) -> float:
     cfg = asae.SAEConfig(d_in=d, n_features=F, rule=rule, k=k)
     tcfg = asae.TrainConfig(
@@ -69,6 +114,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--main", action="store_true", help="d=512 F=8192 k=32 B=4096, 2 threads")
+    p.add_argument("--floor", action="store_true", help="also time each primitive of a step")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     if a.main:
@@ -113,9 +159,14 @@ def main(argv=None) -> int:
             f"| {r['B']} | {r['rule']} | {r['step_ms']:.2f} | {r['tokens_per_s']:,.0f} | "
             f"{r['dense_ms']:.3f} | {r['x_dense']:.1f} |"
         )
+    floor = [r for B in a.B for r in floor_rows(B, a.d, a.F, a.k)] if a.floor else []
+    if floor:
+        print("\n| B | primitive (alone, best of 30) | ms | × dense |\n|---|---|---:|---:|")
+        for r in floor:
+            print(f"| {r['B']} | {r['primitive']} | {r['ms']:.3f} | {r['x_dense']:.2f} |")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"machine": machine(), "rows": rows}, f, indent=1)
+            json.dump({"machine": machine(), "rows": rows, "floor": floor}, f, indent=1)
     return 0
 
 

@@ -9,6 +9,10 @@ Two products, both under ``book/_generated/`` (a build product, not tracked):
   so without this the navigation lists the same title once per point.
 - ``tables/<name>.md``: the short tables the chapters lead with, a few key columns of the
   committed ``results/<experiment>/<sweep>/summary.csv`` spelled ``mean ± std``.
+- ``verdicts/<experiment>.md``: what each chapter's verdict box shows, from the committed
+  ``results/<experiment>/<sweep>/<point>/``: per point of the sweep, a scale line from its
+  ``provenance.json`` (training tokens per SAE, learning rates, seeds, git commit, and that the
+  SAEs are not trained to convergence) and the rows of its ``verdict.csv``.
 
 Nothing is executed or trained: the inputs are files already on disk.
 
@@ -305,10 +309,223 @@ def write_tables(results: Path, out: Path, specs: list[ShortTable] = SHORT_TABLE
     return written
 
 
+# --- verdict boxes from the committed verdicts and provenance --------------------------------
+
+
+@dataclass(frozen=True)
+class VerdictSource:
+    """Where one chapter's verdict comes from."""
+
+    name: str
+    """The chapter (``chapters/<name>.md``) and the output file ``verdicts/<name>.md``."""
+    sweep: str
+    """The sweep's folder of points, relative to ``results/``."""
+    tokens: str = "total_tokens"
+    """The notebook parameter that holds the training tokens per SAE."""
+
+
+VERDICTS = [
+    VerdictSource(name, f"{name}/{name}")
+    for name in (
+        "allocation_mechanisms",
+        "sparsity_allocation",
+        "zipf_density",
+        "aux_zipf_ablation",
+        "dead_features",
+        "adaptive_computation",
+        "inference_thresholds",
+        "cost_scaling",
+    )
+]
+"""The chapters whose verdicts come from the short-budget sweeps (every chapter but the
+convergence study, whose verdict is about converged SAEs)."""
+
+NOT_CONVERGED = (
+    "These SAEs are not trained to convergence, so this is not a converged comparison: which "
+    "rule reconstructs best can change with a longer training budget"
+)
+"""The fixed sentence of every scale line; a reference to the Convergence chapter follows."""
+
+KEY_COLUMNS = ("k", "n_features")
+"""Numeric verdict columns that identify a row rather than measure something."""
+
+RERUN = (
+    "restore it from git (git checkout -- <file>) or re-run the sweep "
+    "(python -m adaptive_sae.sweep papermill_runs/<sweep>.yaml)"
+)
+
+
+def _number(value: float) -> str:
+    """Three significant digits; integers as integers."""
+    if float(value).is_integer():
+        return str(int(value))
+    return f"{value:.{max(_decimals(value), 0)}f}"
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        text = "–" if math.isnan(value) else _number(value)
+    else:
+        text = str(value)
+    text = LABELS.get(text, text)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _holds(value, path: Path) -> str:
+    text = str(value).strip().lower()
+    if text in ("true", "1", "1.0"):
+        return "holds"
+    if text in ("false", "0", "0.0"):
+        return "does not hold"
+    raise PrepareError(f"{path}: holds is {value!r}, not True or False; fix the row or {RERUN}.")
+
+
+def verdict_table(path: Path) -> str:
+    """The rows of one ``verdict.csv`` as a markdown table: claim, the columns that tell the
+    rows apart (rule or variant always), holds, and the detail (the ``detail`` column, else
+    the measured values)."""
+    try:
+        df = pd.read_csv(path)
+    except Exception as exc:  # pandas raises several unrelated types for a bad file
+        raise PrepareError(f"{path}: not a readable CSV ({exc}); {RERUN}.") from exc
+    missing = [c for c in ("claim", "holds") if c not in df.columns]
+    if missing or df.empty:
+        what = f"no column {missing}" if missing else "no rows"
+        raise PrepareError(
+            f"{path}: {what}; a notebook's verdict table has a claim and a holds column per "
+            f"row; {RERUN}."
+        )
+    rest = [c for c in df.columns if c not in ("claim", "holds", "detail")]
+    numeric = [c for c in rest if pd.api.types.is_numeric_dtype(df[c]) and c not in KEY_COLUMNS]
+    keys = [
+        c
+        for c in rest
+        if c not in numeric and (c in ("rule", "variant") or df[c].nunique(dropna=False) > 1)
+    ]
+    headers = ["claim", *(c.replace("_", " ") for c in keys), "holds", "detail"]
+    rows = []
+    for row in df.to_dict("records"):
+        if "detail" in df.columns:
+            detail = _cell(row["detail"])
+        else:
+            values = [(c, row[c]) for c in numeric if not pd.isna(row[c])]
+            detail = ", ".join(_cell(v) if c == "value" else f"{c} = {_cell(v)}" for c, v in values)
+        cells = [_cell(row["claim"]), *(_cell(row[c]) for c in keys)]
+        rows.append([*cells, _holds(row["holds"], path), detail or "–"])
+    lines = [headers, ["---"] * len(headers), *rows]
+    return "\n".join(f"| {' | '.join(line)} |" for line in lines) + "\n"
+
+
+def _provenance(path: Path) -> dict:
+    if not path.is_file():
+        raise PrepareError(f"{path}: missing; the verdict's scale line is read from it; {RERUN}.")
+    try:
+        prov = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise PrepareError(f"{path}: not readable JSON ({exc}); {RERUN}.") from exc
+    if not isinstance(prov, dict) or not isinstance(prov.get("parameters"), dict):
+        raise PrepareError(f"{path}: no parameters object; {RERUN}.")
+    return prov
+
+
+def _learning_rates(params: dict, point: Path) -> str:
+    """The learning rates tried; with several, whether the best ones (``runs.csv``) sit at the
+    edge of the grid, i.e. whether the learning rate is bracketed."""
+    lrs = params.get("learning_rates", params.get("lr"))
+    if lrs is None:
+        return "learning rate: the library's default for the width (not searched)"
+    lrs = sorted(lrs) if isinstance(lrs, list) else [lrs]
+    if len(lrs) == 1:
+        return f"learning rate {lrs[0]:g} (not searched)"
+    text = f"learning rates tried {', '.join(f'{lr:g}' for lr in lrs)}"
+    runs = point / "runs.csv"
+    if runs.is_file():
+        try:
+            kept = pd.read_csv(runs, usecols=lambda c: c == "lr")
+        except Exception as exc:  # pandas raises several unrelated types for a bad file
+            raise PrepareError(f"{runs}: not a readable CSV ({exc}); {RERUN}.") from exc
+        if "lr" in kept.columns and len(kept):
+            n = len(kept)
+            edges = [
+                f"the {end} tried in {count} of {n} runs"
+                for end, lr in (("smallest", lrs[0]), ("largest", lrs[-1]))
+                if (count := int((kept["lr"] == lr).sum()))
+            ]
+            if edges:
+                text += f" (the best was {' and '.join(edges)}: not bracketed)"
+            else:
+                text += " (the best was inside the grid in every run: bracketed)"
+    return text
+
+
+def scale_line(point: Path, tokens: str = "total_tokens", convergence: bool = False) -> str:
+    """The scale one point of a sweep was measured at, from its ``provenance.json``."""
+    path = point / "provenance.json"
+    prov = _provenance(path)
+    params = prov["parameters"]
+    n_tokens = params.get(tokens)
+    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens <= 0:
+        raise PrepareError(
+            f"{path}: parameters.{tokens} is {n_tokens!r}, not a positive number of tokens; "
+            f"{RERUN}, or name the notebook's parameter in book/prepare.py's VERDICTS."
+        )
+    seeds = params.get("seeds", prov.get("seeds"))
+    if not isinstance(seeds, list) or not seeds:
+        raise PrepareError(f"{path}: no seeds (parameters.seeds); {RERUN}.")
+    git = prov.get("git") if isinstance(prov.get("git"), dict) else {}
+    commit = git.get("commit")
+    if not isinstance(commit, str) or not re.fullmatch(r"[0-9a-f]{7,40}", commit):
+        raise PrepareError(f"{path}: no git commit (git.commit is {commit!r}); {RERUN}.")
+    dirty = " with uncommitted changes" if git.get("dirty") else ""
+    where = "[Convergence](convergence.md)" if convergence else "the Convergence chapter"
+    return (
+        f"**{point_parameters(point.name)}.** Scale: {n_tokens:,} training tokens per SAE; "
+        f"{_learning_rates(params, point)}; seeds {', '.join(str(s) for s in seeds)}; "
+        f"results of commit `{commit[:7]}`{dirty}. {NOT_CONVERGED} (see {where}).\n"
+    )
+
+
+def verdict_page(spec: VerdictSource, results: Path, convergence: bool = False) -> str:
+    """Per point of the sweep (the folders with a ``verdict.csv``), its scale line and its
+    verdict table; a sweep without verdicts gets the scale line of each point."""
+    sweep = results / spec.sweep
+    points = sorted(p for p in sweep.glob("*") if p.is_dir()) if sweep.is_dir() else []
+    judged = [p for p in points if (p / "verdict.csv").is_file()]
+    shown = judged or [p for p in points if (p / "provenance.json").is_file()]
+    if not shown:
+        raise PrepareError(
+            f"{sweep}: no point with a verdict.csv or a provenance.json; the chapter "
+            f"{spec.name!r} draws its verdict from them; {RERUN}."
+        )
+    parts = []
+    for point in shown:
+        parts.append(scale_line(point, spec.tokens, convergence))
+        if point in judged:
+            parts.append(verdict_table(point / "verdict.csv"))
+    return "\n".join(parts)
+
+
+def write_verdicts(
+    results: Path, out: Path, chapters: Path, specs: list[VerdictSource] = VERDICTS
+) -> list[Path]:
+    """``out/<name>.md`` per chapter; the scale lines link the convergence chapter when
+    ``chapters/convergence.md`` exists."""
+    convergence = (chapters / "convergence.md").is_file()
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for spec in specs:
+        path = out / f"{spec.name}.md"
+        path.write_text(verdict_page(spec, results, convergence), encoding="utf-8")
+        written.append(path)
+    return written
+
+
 def prepare(root: Path, out: Path) -> dict[str, list[str]]:
-    """Write the titled run pages and the short tables; returns the run titles by sweep."""
+    """Write the titled run pages, the short tables and the verdicts; returns the run titles
+    by sweep."""
     titles = titled_runs(root / "papermill_runs", out / "runs")
     write_tables(root / "results", out / "tables")
+    write_verdicts(root / "results", out / "verdicts", root / "book" / "chapters")
     return titles
 
 

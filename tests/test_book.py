@@ -5,6 +5,7 @@ papermill's metadata (two points per sweep, so that titles could collide)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import shutil
 import subprocess
@@ -246,3 +247,179 @@ def test_short_tables_read_every_committed_summary(tmp_path):
         lines = path.read_text(encoding="utf-8").splitlines()
         assert len(lines) >= 3 and len(lines) <= 10, path.name  # short: a screen at most
         assert "nan" not in path.read_text(encoding="utf-8")
+
+
+# --- verdict boxes ---------------------------------------------------------------------------
+
+VERDICT_CSV = """\
+claim,k,holds,detail,input_scaling
+adaptive beats TopK at equal k,4,True,NMSE 0.33 vs TopK 0.35 (-5.8%),per_token
+adaptive beats TopK at equal k,8,False,NMSE 0.23 vs TopK 0.22 (+3.3%),per_token
+"more budget, better reconstruction",8,true,falls for 2/2 variants | all,per_token
+"""
+VALUES_CSV = """\
+variant,zipf_alpha,zipf_r2,claim,holds,tail_ratio_median
+topk,0.97806404,0.99262184,below the law at the low end,True,0.018728272
+mutual_choice,20,0.94693414,a Zipf law fits the head (R² > 0.9),False,
+"""
+
+
+def _point(results: Path, point: str, verdict: str | None = VERDICT_CSV, **params) -> Path:
+    """A hand-built ``results/exp/exp/<point>/`` with a verdict and a provenance."""
+    folder = results / "exp" / "exp" / point
+    folder.mkdir(parents=True)
+    if verdict is not None:
+        (folder / "verdict.csv").write_text(verdict, encoding="utf-8")
+    provenance = {
+        "git": {"commit": "db442e16e6127fa108fd7ad53ab62838058bec94", "dirty": False},
+        "seeds": [0, 1],
+        "parameters": {"total_tokens": 150000, "seeds": [0, 1], **params},
+    }
+    (folder / "provenance.json").write_text(json.dumps(provenance), encoding="utf-8")
+    return folder
+
+
+def test_verdict_table_rows_from_a_hand_built_csv(tmp_path):
+    (tmp_path / "verdict.csv").write_text(VERDICT_CSV, encoding="utf-8")
+    assert prepare.verdict_table(tmp_path / "verdict.csv") == (
+        "| claim | k | holds | detail |\n"
+        "| --- | --- | --- | --- |\n"
+        "| adaptive beats TopK at equal k | 4 | holds | NMSE 0.33 vs TopK 0.35 (-5.8%) |\n"
+        "| adaptive beats TopK at equal k | 8 | does not hold | NMSE 0.23 vs TopK 0.22 (+3.3%) |\n"
+        "| more budget, better reconstruction | 8 | holds | falls for 2/2 variants \\| all |\n"
+    )  # input_scaling is the same in every row: the point's name says it
+
+
+def test_verdict_table_without_detail_shows_the_measured_values(tmp_path):
+    (tmp_path / "verdict.csv").write_text(VALUES_CSV, encoding="utf-8")
+    assert prepare.verdict_table(tmp_path / "verdict.csv") == (
+        "| claim | variant | holds | detail |\n"
+        "| --- | --- | --- | --- |\n"
+        "| below the law at the low end | TopK | holds | zipf_alpha = 0.978, zipf_r2 = 0.993, "
+        "tail_ratio_median = 0.0187 |\n"
+        "| a Zipf law fits the head (R² > 0.9) | Mutual Choice | does not hold | "
+        "zipf_alpha = 20, zipf_r2 = 0.947 |\n"
+    )
+
+
+def test_verdict_page_gives_each_point_its_scale_and_rows(tmp_path):
+    results = tmp_path / "results"
+    one = _point(results, "input_scaling=global__seeds=0-1", learning_rates=[0.01, 0.001, 0.003])
+    (one / "runs.csv").write_text("variant,lr,nmse\ntopk,0.01,0.3\nmutual_choice,0.003,0.2\n")
+    _point(results, "input_scaling=per_token__seeds=0-1", lr=0.003)
+    _point(results, "no_verdict_here", verdict=None)  # not a judged point: left out
+    spec = prepare.VerdictSource("exp", "exp/exp")
+    page = prepare.verdict_page(spec, results)
+    scale, table, scale2, table2 = page.split("\n\n")[:4]
+    assert scale == (
+        "**input_scaling=global, seeds=0-1.** Scale: 150,000 training tokens per SAE; "
+        "learning rates tried 0.001, 0.003, 0.01 (the best was the largest tried in 1 of 2 "
+        "runs: not bracketed); seeds 0, 1; results of commit `db442e1`. "
+        f"{prepare.NOT_CONVERGED} (see the Convergence chapter)."
+    )
+    assert table == prepare.verdict_table(one / "verdict.csv").rstrip("\n")
+    assert scale2.startswith("**input_scaling=per_token, seeds=0-1.** Scale: 150,000 training")
+    assert "learning rate 0.003 (not searched); seeds 0, 1;" in scale2
+    assert table2.startswith("| claim | k | holds | detail |")
+    assert "no_verdict_here" not in page
+    linked = prepare.verdict_page(spec, results, convergence=True)
+    assert "(see [Convergence](convergence.md))" in linked
+
+
+def test_sweep_without_verdicts_gets_its_scale_lines(tmp_path):
+    _point(tmp_path, "seeds=0-1", verdict=None)
+    page = prepare.verdict_page(prepare.VerdictSource("exp", "exp/exp"), tmp_path)
+    assert page.startswith("**seeds=0-1.** Scale: 150,000 training tokens per SAE;")
+    assert "|" not in page and prepare.NOT_CONVERGED in page
+
+
+def test_write_verdicts_links_the_convergence_chapter_only_when_it_exists(tmp_path):
+    _point(tmp_path / "results", "seeds=0-1")
+    chapters = tmp_path / "chapters"
+    chapters.mkdir()
+    specs = [prepare.VerdictSource("exp", "exp/exp")]
+    (path,) = prepare.write_verdicts(tmp_path / "results", tmp_path / "out", chapters, specs)
+    assert "the Convergence chapter" in path.read_text(encoding="utf-8")
+    (chapters / "convergence.md").write_text("# Convergence\n")
+    prepare.write_verdicts(tmp_path / "results", tmp_path / "out", chapters, specs)
+    assert "[Convergence](convergence.md)" in path.read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda p: (p / "provenance.json").unlink(), r"seeds=0-1.provenance\.json: missing"),
+        (lambda p: (p / "provenance.json").write_text("{"), r"provenance\.json: not readable"),
+        (
+            lambda p: (p / "provenance.json").write_text('{"parameters": {"seeds": [0]}}'),
+            r"provenance\.json: parameters\.total_tokens is None",
+        ),
+        (
+            lambda p: (p / "verdict.csv").write_text("claim,detail\nx,y\n"),
+            r"verdict\.csv: no column",
+        ),
+        (
+            lambda p: (p / "verdict.csv").write_text("claim,holds\nx,maybe\n"),
+            r"verdict\.csv: holds is 'maybe'",
+        ),
+    ],
+)
+def test_bad_verdict_inputs_name_the_file_and_the_fix(tmp_path, damage, message):
+    damage(_point(tmp_path, "seeds=0-1"))
+    with pytest.raises(prepare.PrepareError, match=message) as error:
+        prepare.verdict_page(prepare.VerdictSource("exp", "exp/exp"), tmp_path)
+    assert "restore it from git" in str(error.value)
+
+
+def test_missing_sweep_is_named(tmp_path):
+    with pytest.raises(prepare.PrepareError, match=r"exp.exp: no point with a verdict\.csv"):
+        prepare.verdict_page(prepare.VerdictSource("exp", "exp/exp"), tmp_path)
+
+
+# The convergence study's chapter (when it exists) has converged SAEs and its own verdict.
+SHORT_BUDGET_CHAPTERS = [c for c in CHAPTERS if c != "convergence"]
+VERDICT_BOX = re.compile(r"^:::\{admonition\} Verdict:.*?^:::$", re.M | re.S)
+INCLUDE = re.compile(r"^```\{include\} (\S+)\n```$", re.M)
+
+
+def _verdict_box(chapter: str) -> str:
+    text = (ROOT / "book" / "chapters" / f"{chapter}.md").read_text(encoding="utf-8")
+    box = VERDICT_BOX.search(text)
+    assert box, f"{chapter}: no Verdict admonition"
+    return box.group(0)
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("generated")
+    prepare.prepare(ROOT, out)
+    return out
+
+
+def test_every_chapter_includes_its_generated_verdict(generated):
+    assert {s.name for s in prepare.VERDICTS} == set(SHORT_BUDGET_CHAPTERS)
+    for chapter in SHORT_BUDGET_CHAPTERS:
+        includes = INCLUDE.findall(_verdict_box(chapter))
+        assert includes == [f"../_generated/verdicts/{chapter}.md"], chapter
+        page = (generated / "verdicts" / f"{chapter}.md").read_text(encoding="utf-8")
+        assert "training tokens per SAE" in page and prepare.NOT_CONVERGED in page, chapter
+        assert "results of commit `" in page, chapter
+
+
+@pytest.mark.parametrize("chapter", SHORT_BUDGET_CHAPTERS)
+def test_verdict_prose_states_no_number(chapter):
+    """The numbers of a verdict come from the committed results, through the include (the
+    names L0 and L1 are not numbers)."""
+    prose = re.sub(r"\bL[01]\b", "", INCLUDE.sub("", _verdict_box(chapter)))
+    digits = re.findall(r".{0,30}\d.{0,30}", prose)
+    assert not digits, f"{chapter}: hand-written numbers in the verdict: {digits}"
+
+
+def test_verdicts_show_every_committed_verdict_row(generated):
+    for spec in prepare.VERDICTS:
+        page = (generated / "verdicts" / f"{spec.name}.md").read_text(encoding="utf-8")
+        verdicts = sorted((ROOT / "results" / spec.sweep).glob("*/verdict.csv"))
+        rows = sum(len(pd.read_csv(v)) for v in verdicts)
+        shown = sum(1 for line in page.splitlines() if line.endswith(" |")) - 2 * len(verdicts)
+        assert shown == rows, spec.name
+        assert page.count("Scale: ") == max(len(verdicts), 1), spec.name

@@ -458,8 +458,43 @@ def _learning_rates(params: dict, point: Path) -> str:
     return text
 
 
+def _protocol(point: Path, params: dict) -> tuple[int, str, str] | None:
+    """A point run through the convergence protocol (``protocol.csv``: one row per compared
+    rule): its final budget, its learning-rate text and its convergence sentence."""
+    path = point / "protocol.csv"
+    if not path.is_file():
+        return None
+    try:
+        df = pd.read_csv(path)
+    except Exception as exc:  # pandas raises several unrelated types for a bad file
+        raise PrepareError(f"{path}: not a readable CSV ({exc}); {RERUN}.") from exc
+    need = ["tokens", "bracketed", "converged", "nmse_change_last_doubling"]
+    missing = [c for c in need if c not in df.columns]
+    if missing or df.empty:
+        raise PrepareError(f"{path}: no rows or no column {missing}; {RERUN}.")
+    grid = params.get("learning_rates")
+    first = f" (first grid {', '.join(f'{lr:g}' for lr in grid)})" if grid else ""
+    lrs = (
+        f"learning rate bracketed on validation tokens by the convergence protocol for "
+        f"{int(df['bracketed'].astype(bool).sum())} of {len(df)} comparisons{first}"
+    )
+    tokens = int(df["tokens"].max())
+    change = df["nmse_change_last_doubling"].max()
+    if bool(df["converged"].astype(bool).all()):
+        sentence = "Converged: doubling the budget moved no rule's NMSE by more than 1 %"
+    elif pd.notna(change):
+        sentence = (
+            f"Not converged: the last doubling of the budget still moved a rule's NMSE by "
+            f"{change:.0%}, so which rule reconstructs best can change with a longer budget"
+        )
+    else:
+        sentence = f"{NOT_CONVERGED} (one budget, not doubled)"
+    return tokens, lrs, sentence
+
+
 def scale_line(point: Path, tokens: str = "total_tokens", convergence: bool = False) -> str:
-    """The scale one point of a sweep was measured at, from its ``provenance.json``."""
+    """The scale one point of a sweep was measured at, from its ``provenance.json`` (and its
+    ``protocol.csv`` where the point ran the convergence protocol)."""
     path = point / "provenance.json"
     prov = _provenance(path)
     params = prov["parameters"]
@@ -478,10 +513,15 @@ def scale_line(point: Path, tokens: str = "total_tokens", convergence: bool = Fa
         raise PrepareError(f"{path}: no git commit (git.commit is {commit!r}); {RERUN}.")
     dirty = " with uncommitted changes" if git.get("dirty") else ""
     where = "[Convergence](convergence.md)" if convergence else "the Convergence chapter"
+    protocol = _protocol(point, params)
+    if protocol is None:
+        lrs, sentence = _learning_rates(params, point), NOT_CONVERGED
+    else:
+        n_tokens, lrs, sentence = protocol
     return (
         f"**{point_parameters(point.name)}.** Scale: {n_tokens:,} training tokens per SAE; "
-        f"{_learning_rates(params, point)}; seeds {', '.join(str(s) for s in seeds)}; "
-        f"results of commit `{commit[:7]}`{dirty}. {NOT_CONVERGED} (see {where}).\n"
+        f"{lrs}; seeds {', '.join(str(s) for s in seeds)}; "
+        f"results of commit `{commit[:7]}`{dirty}. {sentence} (see {where}).\n"
     )
 
 

@@ -326,6 +326,37 @@ def test_verdict_page_gives_each_point_its_scale_and_rows(tmp_path):
     assert "(see [Convergence](convergence.md))" in linked
 
 
+PROTOCOL_CSV = (
+    "rule,k,lr,bracketed,tokens,converged,nmse_change_last_doubling\n"
+    "topk,4,0.01,True,1048576,{c},0.031\n"
+    "mutual_choice,4,0.003,True,1048576,{c},0.052\n"
+    "topk,8,0.01,False,1048576,{c},0.004\n"
+)
+
+
+@pytest.mark.parametrize("converged", [False, True])
+def test_scale_line_of_a_point_run_through_the_convergence_protocol(tmp_path, converged):
+    """Budget, bracket and convergence come from protocol.csv, not from total_tokens."""
+    point = _point(tmp_path, "input_scaling=global__seeds=0-1", learning_rates=[0.001, 0.01])
+    (point / "protocol.csv").write_text(PROTOCOL_CSV.format(c=converged), encoding="utf-8")
+    line = prepare.scale_line(point)
+    assert line.startswith(
+        "**input_scaling=global, seeds=0-1.** Scale: 1,048,576 training tokens per SAE; learning "
+        "rate bracketed on validation tokens by the convergence protocol for 2 of 3 comparisons "
+        "(first grid 0.001, 0.01); seeds 0, 1; results of commit `db442e1`. "
+    )
+    if converged:
+        assert "Converged: doubling the budget moved no rule's NMSE by more than 1 %" in line
+    else:
+        assert (
+            "Not converged: the last doubling of the budget still moved a rule's NMSE by 5%" in line
+        )
+        assert prepare.NOT_CONVERGED not in line
+    (point / "protocol.csv").write_text("rule,tokens\ntopk,5\n", encoding="utf-8")
+    with pytest.raises(prepare.PrepareError, match=r"protocol\.csv: no rows or no column"):
+        prepare.scale_line(point)
+
+
 def test_sweep_without_verdicts_gets_its_scale_lines(tmp_path):
     _point(tmp_path, "seeds=0-1", verdict=None)
     page = prepare.verdict_page(prepare.VerdictSource("exp", "exp/exp"), tmp_path)

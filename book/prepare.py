@@ -560,12 +560,117 @@ def write_verdicts(
     return written
 
 
+# --- the convergence chapter ------------------------------------------------------------------
+
+CONVERGENCE_SWEEP = "convergence/convergence"
+"""The points of the convergence sweep (notebook 09), relative to ``results/``."""
+
+
+def _read_csv(path: Path, columns: list[str]) -> pd.DataFrame:
+    if not path.is_file():
+        raise PrepareError(f"{path}: missing; the convergence chapter is drawn from it; {RERUN}.")
+    try:
+        df = pd.read_csv(path)
+    except Exception as exc:  # pandas raises several unrelated types for a bad file
+        raise PrepareError(f"{path}: not a readable CSV ({exc}); {RERUN}.") from exc
+    missing = [c for c in columns if c not in df.columns]
+    if missing or df.empty:
+        raise PrepareError(f"{path}: no rows or no column {missing}; {RERUN}.")
+    return df
+
+
+def convergence_point(point: Path) -> str:
+    """One source of the convergence sweep: its scale, the final comparison on test tokens
+    (mean ± std across seeds, against TopK) and the budgets where the winner changed."""
+    table = _read_csv(
+        point / "table.csv",
+        ["rule", "seeds", "nmse_mean", "nmse_std", "dead_pct_mean", "lr", "tokens", "epochs",
+         "converged", "bracketed", "nmse_change_last_doubling"],
+    )  # fmt: skip
+    curve = _read_csv(point / "curve.csv", ["rule", "tokens", "nmse_val", "winner"])
+    prov = _provenance(point / "provenance.json")
+    commit = (prov.get("git") or {}).get("commit") or ""
+    dirty = " with uncommitted changes" if (prov.get("git") or {}).get("dirty") else ""
+    tokens, epochs = int(table["tokens"].max()), float(table["epochs"].max())
+    change = float(table["nmse_change_last_doubling"].max())
+    if bool(table["converged"].astype(bool).all()):
+        status = f"**converged** (the last doubling moved no rule's NMSE by more than {change:.1%})"
+    else:
+        status = (
+            f"**not converged**: the protocol stopped at its largest budget, and the last "
+            f"doubling still moved a rule's NMSE by {change:.1%}"
+        )
+    bracketed = bool(table["bracketed"].astype(bool).all())
+    lines = [
+        f"**{point_parameters(point.name)}.** Final budget {tokens:,} training tokens per SAE "
+        f"({epochs:g} epoch{'' if epochs == 1 else 's'} of its training tokens), {status}; "
+        f"learning rates "
+        f"{'bracketed for every rule' if bracketed else 'NOT bracketed for every rule'}; "
+        f"{int(table['seeds'].iloc[0])} seeds on test tokens; results of commit "
+        f"`{commit[:7]}`{dirty}.",
+        "",
+    ]
+    top = table.set_index("rule")
+    ref = float(top.loc["topk", "nmse_mean"]) if "topk" in top.index else None
+    headers = ["rule", "NMSE (test)", "vs TopK", "NMSE, inference rule", "dead %", "lr"]
+    rows = []
+    for r in table.to_dict("records"):
+        n = int(r["seeds"])
+        vs = "–" if ref is None or r["rule"] == "topk" else f"{r['nmse_mean'] / ref - 1:+.1%}"
+        inf = (
+            mean_std(r["nmse_inference_mean"], r["nmse_inference_std"], n)
+            if "nmse_inference_mean" in r
+            else "–"
+        )
+        rows.append(
+            [
+                LABELS.get(r["rule"], r["rule"]),
+                mean_std(r["nmse_mean"], r["nmse_std"], n),
+                vs,
+                inf,
+                mean_std(r["dead_pct_mean"], r.get("dead_pct_std", float("nan")), n),
+                f"{r['lr']:g}",
+            ]
+        )
+    lines += [f"| {' | '.join(x)} |" for x in [headers, ["---"] * len(headers), *rows]]
+    winners = curve.drop_duplicates("tokens").sort_values("tokens")[["tokens", "winner"]]
+    changes = [
+        f"{LABELS.get(b, b)} from {t:,} tokens"
+        for (t, b), a in zip(
+            winners.itertuples(index=False, name=None), [None, *winners["winner"][:-1]]
+        )
+        if a is not None and a != b
+    ]
+    first = LABELS.get(winners["winner"].iloc[0], winners["winner"].iloc[0])
+    lines += [
+        "",
+        f"Best validation NMSE by budget (search seed): {first} at {int(winners['tokens'].iloc[0]):,}"
+        f" tokens" + (f", then {', then '.join(changes)}." if changes else ", at every budget."),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def convergence_page(results: Path) -> str:
+    """Every source of the convergence sweep (``results/convergence/convergence/<point>``)."""
+    sweep = results / CONVERGENCE_SWEEP
+    points = sorted(p for p in sweep.glob("*") if (p / "table.csv").is_file())
+    if not points:
+        raise PrepareError(
+            f"{sweep}: no point with a table.csv; the convergence chapter is drawn from them; "
+            f"run python -m adaptive_sae.sweep papermill_runs/convergence.yaml."
+        )
+    return "\n".join(convergence_point(p) for p in points)
+
+
 def prepare(root: Path, out: Path) -> dict[str, list[str]]:
     """Write the titled run pages, the short tables and the verdicts; returns the run titles
     by sweep."""
     titles = titled_runs(root / "papermill_runs", out / "runs")
     write_tables(root / "results", out / "tables")
     write_verdicts(root / "results", out / "verdicts", root / "book" / "chapters")
+    if (root / "book" / "chapters" / "convergence.md").is_file():
+        (out / "convergence.md").write_text(convergence_page(root / "results"), encoding="utf-8")
     return titles
 
 

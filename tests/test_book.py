@@ -454,3 +454,57 @@ def test_verdicts_show_every_committed_verdict_row(generated):
         shown = sum(1 for line in page.splitlines() if line.endswith(" |")) - 2 * len(verdicts)
         assert shown == rows, spec.name
         assert page.count("Scale: ") == max(len(verdicts), 1), spec.name
+
+
+def _convergence_point(results: Path, converged: bool) -> Path:
+    point = results / "convergence" / "convergence" / "source=synthetic__seeds=0-1"
+    point.mkdir(parents=True)
+    (point / "table.csv").write_text(
+        "rule,seeds,nmse_mean,nmse_std,nmse_inference_mean,nmse_inference_std,dead_pct_mean,"
+        "dead_pct_std,lr,tokens,epochs,converged,bracketed,nmse_change_last_doubling\n"
+        f"topk,2,0.2,0.002,0.2,0.002,10.0,1.0,0.01,4194304,2.0,{converged},True,0.004\n"
+        f"mutual_choice,2,0.18,0.004,0.19,0.003,80.5,2.5,0.03,4194304,2.0,{converged},True,0.008\n",
+        encoding="utf-8",
+    )
+    (point / "curve.csv").write_text(
+        "rule,tokens,nmse_val,winner\n"
+        "topk,1048576,0.3,topk\nmutual_choice,1048576,0.31,topk\n"
+        "topk,2097152,0.25,mutual_choice\nmutual_choice,2097152,0.24,mutual_choice\n"
+        "topk,4194304,0.2,mutual_choice\nmutual_choice,4194304,0.18,mutual_choice\n",
+        encoding="utf-8",
+    )
+    prov = {"git": {"commit": "cbb99cd0" * 5, "dirty": False}, "parameters": {"seeds": [0, 1]}}
+    (point / "provenance.json").write_text(json.dumps(prov), encoding="utf-8")
+    return point
+
+
+@pytest.mark.parametrize("converged", [True, False])
+def test_convergence_page_from_hand_built_tables(tmp_path, converged):
+    _convergence_point(tmp_path, converged)
+    page = prepare.convergence_page(tmp_path)
+    status = (
+        "**converged** (the last doubling moved no rule's NMSE by more than 0.8%)"
+        if converged
+        else "**not converged**: the protocol stopped at its largest budget, and the last "
+        "doubling still moved a rule's NMSE by 0.8%"
+    )
+    assert page.startswith(
+        "**source=synthetic, seeds=0-1.** Final budget 4,194,304 training tokens per SAE "
+        f"(2 epochs of its training tokens), {status}; learning rates bracketed for every rule; "
+        "2 seeds on test tokens; results of commit `cbb99cd`.\n"
+    )
+    assert "| TopK | 0.200 ± 0.002 | – | 0.200 ± 0.002 | 10.0 ± 1.0 | 0.01 |" in page
+    assert "| Mutual Choice | 0.180 ± 0.004 | -10.0% | 0.190 ± 0.003 | 80.5 ± 2.5 | 0.03 |" in page
+    assert page.rstrip().endswith(
+        "Best validation NMSE by budget (search seed): TopK at 1,048,576 tokens, then Mutual "
+        "Choice from 2,097,152 tokens."
+    )
+
+
+def test_convergence_page_names_a_missing_table(tmp_path):
+    with pytest.raises(prepare.PrepareError, match="no point with a table.csv"):
+        prepare.convergence_page(tmp_path)
+    point = _convergence_point(tmp_path, True)
+    (point / "curve.csv").unlink()
+    with pytest.raises(prepare.PrepareError, match=r"curve\.csv: missing"):
+        prepare.convergence_page(tmp_path)

@@ -156,3 +156,46 @@ def test_mean_std_aggregation():
     assert "seed_mean" not in out.columns
     assert results.format_mean_std(0.2, 0.14142) == "0.2 ± 0.14"
     assert results.format_mean_std(0.5, float("nan")) == "0.5"
+
+
+def test_a_point_resumes_from_the_trials_of_an_interrupted_attempt(tmp_path):
+    """A point's work folder outlives a failed attempt: its trials/ files are there for the
+    next attempt, every other file of the failed one is gone, and the folder is removed once
+    the point is done."""
+    import nbformat
+    from adaptive_sae.sweep import execute_point
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
+    params = nbformat.v4.new_code_cell("fail = True")
+    params.metadata["tags"] = ["parameters"]
+    body = nbformat.v4.new_code_cell(
+        "from adaptive_sae import results\n"
+        "out = results.ResultsDir('exp', 'run')\n"
+        "trials = out.path / 'trials'\n"
+        "trials.mkdir(parents=True, exist_ok=True)\n"
+        "n = len(list(trials.glob('*.csv')))\n"
+        "(trials / f't{n}.csv').write_text(str(n))\n"
+        "if fail:\n"
+        "    (out.path / 'stale.txt').write_text('from the failed attempt')\n"
+        "    raise RuntimeError('fails on purpose')\n"
+        "out.save_metrics({'trials_seen': n + 1})\n"
+    )
+    nb.cells = [params, body]
+    blob = nbformat.writes(nb).encode()
+    work = tmp_path / "work"
+    first = execute_point("p.ipynb", blob, {"fail": True}, 120, 1, None, str(work))
+    assert "fails on purpose" in first["error"] and first["files"] == {}
+    assert (work / "exp" / "run" / "trials" / "t0.csv").is_file()
+    assert (work / "exp" / "run" / "stale.txt").is_file()
+    second = execute_point("p.ipynb", blob, {"fail": False}, 120, 1, None, str(work))
+    assert second["error"] is None
+    files = second["files"]
+    assert {"exp/run/trials/t0.csv", "exp/run/trials/t1.csv", "exp/run/metrics.json"} <= set(files)
+    assert not any(name.endswith("stale.txt") for name in files)
+    assert b'"trials_seen": 2' in files["exp/run/metrics.json"]
+    assert not work.exists()

@@ -522,6 +522,22 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+RESUMABLE = "trials"
+"""A folder name, anywhere in a point's results, whose files a re-run of the point resumes from."""
+
+
+def point_work_dir(sweep: Sweep, point: Point) -> Path:
+    """Where a point's notebook writes its results while it runs: under the suite's cache,
+    ``<cache>/sweep_work/<point>-<hash of its results folder>`` (two checkouts never share one),
+    so that an interrupted or failed point resumes what its notebook caches there; removed once
+    the point is done."""
+    from .io import cache_root
+
+    where = str(sweep.point_results(point).resolve())
+    tag = hashlib.sha256(where.encode()).hexdigest()[:12]
+    return Path(cache_root()) / "sweep_work" / f"{point.name}-{tag}"
+
+
 def _remove_stale_workdirs() -> None:
     """Temporary folders left by workers that were killed (their pid is gone)."""
     for folder in Path(tempfile.gettempdir()).glob(f"{_WORKDIR_PREFIX}*"):
@@ -599,10 +615,13 @@ def execute_point(
     timeout: float | None = None,
     threads: int = 1,
     notebook_dir: str | None = None,
+    work_dir: str | None = None,
 ) -> dict[str, Any]:
-    """Run on a worker: execute the notebook with papermill in a temporary folder (its results
-    root included) and return the executed notebook and every results file as bytes, with the
-    error of a failing cell. A dying kernel raises :class:`KernelDied` so that Ray runs the point
+    """Run on a worker: execute the notebook with papermill in a temporary folder and return the
+    executed notebook and every results file as bytes, with the error of a failing cell. The
+    results root is ``work_dir`` where given (kept when the point is interrupted or fails, so
+    that a re-run resumes what its notebook caches there, e.g. the convergence protocol's
+    finished trials; removed once the point is done), else a folder in the temporary one. A dying kernel raises :class:`KernelDied` so that Ray runs the point
     again; the kernel, a child of this process, exits by itself when this process is killed.
     The kernel runs in ``notebook_dir`` (the notebook's folder in the driver's checkout) where
     this machine has it, else in the temporary folder."""
@@ -615,6 +634,12 @@ def execute_point(
     with tempfile.TemporaryDirectory(prefix=f"{_WORKDIR_PREFIX}{os.getpid()}-") as tmp:
         folder = Path(tmp)
         source, executed, root = folder / notebook_name, folder / "executed.ipynb", folder / "out"
+        if work_dir is not None:
+            root = Path(work_dir)
+            root.mkdir(parents=True, exist_ok=True)
+            for old in list(root.rglob("*")):
+                if old.is_file() and RESUMABLE not in old.relative_to(root).parts:
+                    old.unlink()
         source.write_bytes(notebook_bytes)
         env = {
             _results.RESULTS_ENV: str(root),
@@ -665,6 +690,8 @@ def execute_point(
                 for p in sorted(root.rglob("*"))
                 if p.is_file()
             }
+            if work_dir is not None:
+                shutil.rmtree(root, ignore_errors=True)
         return {
             "error": error,
             "log": log,
@@ -896,6 +923,7 @@ def run_sweeps(
                     sweep.timeout,
                     sweep.threads,
                     str(sweep.notebook.parent),
+                    str(point_work_dir(sweep, p)),
                 )
                 pending[ref] = (sweep, p, time.perf_counter())
         finished = total - len(todo)

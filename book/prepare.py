@@ -245,7 +245,7 @@ SHORT_TABLES = [
         {"rule": "dead % (held-out)"},
         {"dead_pct": "dead %"},
         pivot="aux_loss",
-        keep={"rule": [*RULES, "relu_l1"], "aux_loss": ["none", "aux_k", "aux_zipf"]},
+        keep={"rule": [*RULES, "relu_l1"], "aux_loss": ["none", "aux_k", "aux_zipf", "resample"]},
     ),
     ShortTable(
         "aux_zipf_underutilised",
@@ -253,7 +253,7 @@ SHORT_TABLES = [
         {"rule": "underutilised % (held-out)"},
         {"underutilised_pct": "underutilised %"},
         pivot="aux_loss",
-        keep={"rule": [*RULES, "relu_l1"], "aux_loss": ["none", "aux_k", "aux_zipf"]},
+        keep={"rule": [*RULES, "relu_l1"], "aux_loss": ["none", "aux_k", "aux_zipf", "resample"]},
     ),
     ShortTable(
         "dead_features",

@@ -433,7 +433,8 @@ def test_every_chapter_includes_its_generated_verdict(generated):
         includes = INCLUDE.findall(_verdict_box(chapter))
         assert includes == [f"../_generated/verdicts/{chapter}.md"], chapter
         page = (generated / "verdicts" / f"{chapter}.md").read_text(encoding="utf-8")
-        assert "training tokens per SAE" in page and prepare.NOT_CONVERGED in page, chapter
+        assert "training tokens per SAE" in page, chapter
+        assert prepare.NOT_CONVERGED in page or "onverged" in page, chapter  # says which
         assert "results of commit `" in page, chapter
 
 

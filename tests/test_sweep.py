@@ -5,6 +5,7 @@ The runs themselves (on Ray) are in test_sweep_ray.py."""
 from __future__ import annotations
 
 import math
+import sys
 
 import pandas as pd
 import pytest
@@ -199,3 +200,5 @@ def test_a_point_resumes_from_the_trials_of_an_interrupted_attempt(tmp_path):
     assert not any(name.endswith("stale.txt") for name in files)
     assert b'"trials_seen": 2' in files["exp/run/metrics.json"]
     assert not work.exists()
+    # a direct call neither imports nor starts Ray (either would disturb later Ray tests)
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()

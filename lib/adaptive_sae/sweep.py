@@ -547,11 +547,14 @@ def _remove_stale_workdirs() -> None:
 
 
 def _node_id() -> str | None:
+    """The Ray node this runs on; None outside Ray (a direct call neither imports nor starts
+    Ray: importing it early changes how a later ``ray.init`` in this process connects)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
     try:
-        import ray
-
         return ray.get_runtime_context().get_node_id()
-    except Exception:  # noqa: BLE001 - outside Ray (a direct call): no node
+    except Exception:  # noqa: BLE001 - no runtime context: no node
         return None
 
 

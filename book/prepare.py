@@ -412,8 +412,33 @@ def verdict_table(path: Path) -> str:
             detail = ", ".join(_cell(v) if c == "value" else f"{c} = {_cell(v)}" for c, v in values)
         cells = [_cell(row["claim"]), *(_cell(row[c]) for c in keys)]
         rows.append([*cells, _holds(row["holds"], path), detail or "–"])
+    return _markdown(headers, rows)
+
+
+def _markdown(headers: list[str], rows: list[list[str]]) -> str:
+    """A markdown table of already formatted cells."""
     lines = [headers, ["---"] * len(headers), *rows]
     return "\n".join(f"| {' | '.join(line)} |" for line in lines) + "\n"
+
+
+def _committed(git: dict) -> str:
+    """``abc1234`` (and whether the tree was dirty) from a provenance's ``git`` record."""
+    dirty = " with uncommitted changes" if git.get("dirty") else ""
+    return f"`{(git.get('commit') or '')[:7]}`{dirty}"
+
+
+def _read_csv(path: Path, columns: list[str]) -> pd.DataFrame:
+    """A committed table with at least one row and these columns, else PrepareError."""
+    if not path.is_file():
+        raise PrepareError(f"{path}: missing; {RERUN}.")
+    try:
+        df = pd.read_csv(path)
+    except Exception as exc:  # pandas raises several unrelated types for a bad file
+        raise PrepareError(f"{path}: not a readable CSV ({exc}); {RERUN}.") from exc
+    missing = [c for c in columns if c not in df.columns]
+    if missing or df.empty:
+        raise PrepareError(f"{path}: no rows or no column {missing}; {RERUN}.")
+    return df
 
 
 def _provenance(path: Path) -> dict:
@@ -464,14 +489,7 @@ def _protocol(point: Path, params: dict) -> tuple[int, str, str] | None:
     path = point / "protocol.csv"
     if not path.is_file():
         return None
-    try:
-        df = pd.read_csv(path)
-    except Exception as exc:  # pandas raises several unrelated types for a bad file
-        raise PrepareError(f"{path}: not a readable CSV ({exc}); {RERUN}.") from exc
-    need = ["tokens", "bracketed", "converged", "nmse_change_last_doubling"]
-    missing = [c for c in need if c not in df.columns]
-    if missing or df.empty:
-        raise PrepareError(f"{path}: no rows or no column {missing}; {RERUN}.")
+    df = _read_csv(path, ["tokens", "bracketed", "converged", "nmse_change_last_doubling"])
     grid = params.get("learning_rates")
     first = f" (first grid {', '.join(f'{lr:g}' for lr in grid)})" if grid else ""
     lrs = (
@@ -511,7 +529,6 @@ def scale_line(point: Path, tokens: str = "total_tokens", convergence: bool = Fa
     commit = git.get("commit")
     if not isinstance(commit, str) or not re.fullmatch(r"[0-9a-f]{7,40}", commit):
         raise PrepareError(f"{path}: no git commit (git.commit is {commit!r}); {RERUN}.")
-    dirty = " with uncommitted changes" if git.get("dirty") else ""
     where = "[Convergence](convergence.md)" if convergence else "the Convergence chapter"
     protocol = _protocol(point, params)
     if protocol is None:
@@ -521,7 +538,7 @@ def scale_line(point: Path, tokens: str = "total_tokens", convergence: bool = Fa
     return (
         f"**{point_parameters(point.name)}.** Scale: {n_tokens:,} training tokens per SAE; "
         f"{lrs}; seeds {', '.join(str(s) for s in seeds)}; "
-        f"results of commit `{commit[:7]}`{dirty}. {sentence} (see {where}).\n"
+        f"results of commit {_committed(git)}. {sentence} (see {where}).\n"
     )
 
 
@@ -566,19 +583,6 @@ CONVERGENCE_SWEEP = "convergence/convergence"
 """The points of the convergence sweep (notebook 09), relative to ``results/``."""
 
 
-def _read_csv(path: Path, columns: list[str]) -> pd.DataFrame:
-    if not path.is_file():
-        raise PrepareError(f"{path}: missing; the convergence chapter is drawn from it; {RERUN}.")
-    try:
-        df = pd.read_csv(path)
-    except Exception as exc:  # pandas raises several unrelated types for a bad file
-        raise PrepareError(f"{path}: not a readable CSV ({exc}); {RERUN}.") from exc
-    missing = [c for c in columns if c not in df.columns]
-    if missing or df.empty:
-        raise PrepareError(f"{path}: no rows or no column {missing}; {RERUN}.")
-    return df
-
-
 def convergence_point(point: Path) -> str:
     """One source of the convergence sweep: its scale, the final comparison on test tokens
     (mean ± std across seeds, against TopK) and the budgets where the winner changed."""
@@ -589,8 +593,6 @@ def convergence_point(point: Path) -> str:
     )  # fmt: skip
     curve = _read_csv(point / "curve.csv", ["rule", "tokens", "nmse_val", "winner"])
     prov = _provenance(point / "provenance.json")
-    commit = (prov.get("git") or {}).get("commit") or ""
-    dirty = " with uncommitted changes" if (prov.get("git") or {}).get("dirty") else ""
     tokens, epochs = int(table["tokens"].max()), float(table["epochs"].max())
     change = float(table["nmse_change_last_doubling"].max())
     if bool(table["converged"].astype(bool).all()):
@@ -607,7 +609,7 @@ def convergence_point(point: Path) -> str:
         f"learning rates "
         f"{'bracketed for every rule' if bracketed else 'NOT bracketed for every rule'}; "
         f"{int(table['seeds'].iloc[0])} seeds on test tokens; results of commit "
-        f"`{commit[:7]}`{dirty}.",
+        f"{_committed(prov.get('git') or {})}.",
         "",
     ]
     top = table.set_index("rule")
@@ -632,7 +634,7 @@ def convergence_point(point: Path) -> str:
                 f"{r['lr']:g}",
             ]
         )
-    lines += [f"| {' | '.join(x)} |" for x in [headers, ["---"] * len(headers), *rows]]
+    lines.append(_markdown(headers, rows).rstrip("\n"))
     winners = curve.drop_duplicates("tokens").sort_values("tokens")[["tokens", "winner"]]
     changes = [
         f"{LABELS.get(b, b)} from {t:,} tokens"

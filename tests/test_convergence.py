@@ -215,3 +215,58 @@ def test_study_writes_tables_and_figures(tmp_path):
         assert (out / name).is_file(), name
     assert "converged: False" in (out / "summary.md").read_text()
     assert len(conv.curve) == 2 * 2  # two budgets x two rules
+
+
+def test_keep_runs_returns_the_final_grid_on_test_tokens():
+    """With keep_runs the final budget's SAEs and long tables come back: one SAE per rule and
+    seed, trained at the bracketed rate and budget, their densities and per-token L0 measured on
+    the test half (the tokens no choice has seen), and the same NMSE the table reports."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4096, 8, generator=g) @ torch.randn(8, 8, generator=g)
+    held_out = torch.randn(256, 8, generator=g) @ torch.randn(8, 8, generator=g)
+    conv = convergence.converge(
+        x, held_out, rules=["topk", "feature_choice"], k=2, n_features=16, batch_size=64,
+        seeds=(0, 1), start_tokens=64 * 8, max_tokens=64 * 8, lrs=(3e-3, 1e-2, 3e-2),
+        keep_runs=True, keep_l0=True, train_kwargs={"log_every": 100},
+    )  # fmt: skip
+    final = conv.final
+    assert sorted((t.variant, t.seed) for t in final.runs) == sorted(
+        (r, s) for r in ("topk", "feature_choice") for s in (0, 1)
+    )
+    test = convergence.split_held_out(held_out)[1]
+    assert (final.l0.groupby(["variant", "seed"]).size() == test.x.shape[0]).all()
+    assert final.l0.loc[final.l0.variant == "topk", "l0"].max() <= 2
+    assert (final.densities.groupby(["variant", "seed"]).size() == 16).all()
+    lr = conv.table.set_index("rule")["lr"]
+    assert all(t.run.info["lr"] == pytest.approx(lr[t.variant]) for t in final.runs)
+    mean = final.table.groupby("variant")["nmse"].mean()
+    assert mean.to_dict() == pytest.approx(conv.table.set_index("rule")["nmse_mean"].to_dict())
+
+
+def test_notebook_converge_runs_the_protocol_per_setting_and_saves_its_tables(tmp_path):
+    from adaptive_sae import notebook
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2048, 8, generator=g)
+    out = SimpleNamespace(path=tmp_path, saved={})
+    out.save_table = lambda name, frame: out.saved.setdefault(name, frame)
+    params = dict(
+        variants=["topk", "mutual_choice"], k=2, n_features=16, batch_size=64, seeds=[0],
+        total_tokens=64 * 4, learning_rates=[1e-2, 3e-2], device="cpu",
+    )  # fmt: skip
+    nb = notebook.Setup("x", params, out, None, x, adaptive_sae.experiments.EvalSet(x[:256]), False)
+    conv = notebook.converge(nb, over={"input_scaling": ["global", "per_token"]})
+    assert set(out.saved) == {"protocol", "curve", "lr_trials"}
+    assert len(conv.protocol) == 4 and set(conv.protocol["input_scaling"]) == {
+        "global",
+        "per_token",
+    }
+    assert (conv.protocol["tokens"] == 64 * 4).all() and conv.tokens == 64 * 4
+    assert set(zip(conv.runs["variant"], conv.runs["input_scaling"])) == {
+        (v, s) for v in ("topk", "mutual_choice") for s in ("global", "per_token")
+    }
+    row = conv.protocol[(conv.protocol.rule == "topk") & (conv.protocol.input_scaling == "global")]
+    assert conv.lr("topk", input_scaling="global") == float(row["lr"].iloc[0])
+    assert len(conv.final.runs) == 4 and conv.test_set.x.shape[0] == 128
+    with pytest.raises(KeyError):
+        conv.lr("topk")  # two settings: ambiguous

@@ -73,14 +73,19 @@ class Convergence:
     """The per-seed test rows of the final budget."""
     trained: list = field(default_factory=list)
     """The final-budget SAEs (``experiments.Trained``) when ``keep_runs`` was set."""
+    final: ex.Grid | None = None
+    """When ``keep_runs`` was set: the final budget's :class:`experiments.Grid` (every seed of
+    every rule on test tokens: table, histories, densities, per-token L0 with ``keep_l0``),
+    for analyses beyond the comparison."""
 
 
 def _round_lr(lr: float) -> float:
     return float(f"{lr:.4g}")
 
 
-def _split(held_out, eval_tokens: int | None) -> tuple[ex.EvalSet, ex.EvalSet]:
-    """Validation and test halves of the held-out tokens (ground truth kept)."""
+def split_held_out(held_out, eval_tokens: int | None = None) -> tuple[ex.EvalSet, ex.EvalSet]:
+    """Validation and test halves of the held-out tokens (ground truth kept), as the protocol
+    splits them: the first half chooses learning rates and budgets, the second is reported."""
     if isinstance(held_out, tuple) and len(held_out) == 2:
         return tuple(h if isinstance(h, ex.EvalSet) else ex.EvalSet(h) for h in held_out)
     if isinstance(held_out, torch.Tensor):
@@ -184,6 +189,8 @@ def converge(
     data_tokens: int | None = None,
     cache_dir: str | Path | None = None,
     keep_runs: bool = False,
+    keep_l0: bool = False,
+    resample_every_tokens: int | None = None,
     device: str = "cpu",
     log: Callable[[str], None] | None = None,
     fit: Callable[..., Any] = ex.train_grid,
@@ -194,6 +201,9 @@ def converge(
     source (then its first ``data_tokens`` tokens, default ``max_tokens`` or 2**22, are
     collected once; longer budgets repeat epochs). ``held_out`` is an (N, d) tensor, an
     ``EvalSet``, a source or a (validation, test) pair; a single set is split in halves.
+    ``aux_loss`` may be ``experiments.RESAMPLE`` (with ``resample_every_tokens``). With
+    ``keep_runs`` the final budget's SAEs and :class:`experiments.Grid` are returned
+    (``trained``, ``final``; ``keep_l0`` adds per-token L0 to it) for further analyses.
     ``fit`` is the training driver (``experiments.train_grid``), replaceable in tests."""
     if not rules:
         raise ValueError("rules is empty; name at least one allocation rule.")
@@ -213,7 +223,7 @@ def converge(
             f"max_tokens or lower start_tokens."
         )
     data = _training_tensor(train, int(data_tokens or max_tokens or 2**22))
-    val, test = _split(held_out, eval_tokens)
+    val, test = split_held_out(held_out, eval_tokens)
     say = log or (lambda msg: None)
 
     settings = {
@@ -222,6 +232,7 @@ def converge(
         "n_features": n_features,
         "batch_size": batch_size,
         "aux_loss": aux_loss,
+        **({"resample_every_tokens": resample_every_tokens} if resample_every_tokens else {}),
         "input_scaling": input_scaling,
         "sae_kwargs": dict(sae_kwargs or {}),
         "train_kwargs": dict(train_kwargs or {}),
@@ -238,7 +249,7 @@ def converge(
         """Rows (and SAEs) of the trials not done yet, through the driver; a learning rate
         that diverges gets NMSE = inf, so the bracket lies below it."""
         eval_set = val if split == "val" else test
-        rows, kept = [], []
+        rows, kept, grids = [], [], []
         todo = [
             (lr, s)
             for lr in lr_list
@@ -264,10 +275,16 @@ def converge(
                 progress=False,
                 device=device,
             )
+            if keep and keep_l0:
+                kwargs["keep_l0"] = True
+            if resample_every_tokens:
+                kwargs["resample_every_tokens"] = resample_every_tokens
             try:
                 grid = fit(data, **kwargs)
                 table = grid.table.to_dict("records")
-                kept.extend(getattr(grid, "runs", []) if keep else [])
+                if keep:
+                    kept.extend(getattr(grid, "runs", []))
+                    grids.append(grid)
             except FloatingPointError as err:  # NonFiniteError: diverged
                 say(f"{variant.name} lr={lr:g}: diverged ({str(err).splitlines()[0]})")
                 table = [{"seed": s, "nmse": math.inf, "diverged": True} for s in s_todo]
@@ -276,9 +293,9 @@ def converge(
             rows.extend(table)
         trials.add(rows)
         if keep:
-            return rows, kept
+            return rows, (kept, grids)
         out = [trials.get(variant.name, split, tokens, lr, s) for lr in lr_list for s in seed_list]
-        return out, kept
+        return out, (kept, grids)
 
     def bracket(variant, tokens, candidates):
         """Learning rate -> validation NMSE of the search seed, extended until the best has a
@@ -357,12 +374,15 @@ def converge(
     curve = curve.merge(winners.rename(columns={"rule": "winner"}), on="tokens")
 
     # the final budget: every seed at the best rate, on test tokens
-    per_seed, trained = [], []
+    per_seed, trained, final_grids = [], [], []
     final = curve[curve["tokens"] == tokens].set_index("rule")
     for v in variants:
-        rows, kept = run(v, [final.loc[v.name, "lr"]], list(seeds), tokens, "test", keep_runs)
+        rows, (kept, grids) = run(
+            v, [final.loc[v.name, "lr"]], list(seeds), tokens, "test", keep_runs
+        )
         per_seed.extend(rows)
         trained.extend(kept)
+        final_grids.extend(grids)
     runs = pd.DataFrame(per_seed)
     metrics = [m for m in REPORTED if m in runs.columns]
     grouped = runs.groupby("variant", sort=False)[metrics]
@@ -383,7 +403,19 @@ def converge(
     if folder is not None:
         write_csv(folder / "curve.csv", curve)
         write_csv(folder / "table.csv", table)
-    return Convergence(table, curve, trials_table, runs, trained)
+    final_grid = concat_grids(final_grids) if keep_runs else None
+    return Convergence(table, curve, trials_table, runs, trained, final_grid)
+
+
+def concat_grids(grids: Sequence[ex.Grid]) -> ex.Grid:
+    """One :class:`experiments.Grid` holding the rows and SAEs of several."""
+
+    def cat(name: str) -> pd.DataFrame:
+        frames = [getattr(g, name) for g in grids if len(getattr(g, name))]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+    runs = [r for g in grids for r in g.runs]
+    return ex.Grid(cat("table"), cat("histories"), cat("densities"), cat("l0"), runs)
 
 
 def compare_rules(
@@ -537,8 +569,10 @@ def write_report(out, parameters: Mapping[str, Any], source: Any = None) -> None
 __all__ = [
     "Convergence",
     "compare_rules",
+    "concat_grids",
     "converge",
     "mean_std_text",
+    "split_held_out",
     "study",
     "write_report",
     "verdict_changes",

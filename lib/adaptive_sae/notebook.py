@@ -17,10 +17,11 @@ fresh results folder, so a better rule never breaks them.
 
 from __future__ import annotations
 
+import itertools
 import json
 import types
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
@@ -98,6 +99,129 @@ def start(
     return Setup(experiment, params, out, src, data, eval_set, source_name != "synthetic")
 
 
+@dataclass
+class Converged:
+    """What :func:`converge` returns: the convergence protocol run once per combination of the
+    ``over`` settings, its tables concatenated (each with those settings as columns)."""
+
+    runs: pd.DataFrame
+    """Every seed at its rule's bracketed learning rate and the final budget, on test tokens."""
+    protocol: pd.DataFrame
+    """Per rule (and setting): lr and its bracket, tokens, converged, mean ± std columns."""
+    curve: pd.DataFrame
+    lr_trials: pd.DataFrame
+    final: ex.Grid
+    """The final budget's SAEs and long tables (densities, per-token L0, histories)."""
+    test_set: ex.EvalSet
+    """The test half of the notebook's held-out tokens: the only tokens no choice has seen."""
+    by_setting: dict[tuple, Any] = field(default_factory=dict)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.protocol["tokens"].max())
+
+    @property
+    def converged(self) -> bool:
+        return bool(self.protocol["converged"].all())
+
+    def lr(self, variant: str, **setting: Any) -> float:
+        """The bracketed learning rate of ``variant`` (at the given ``over`` setting)."""
+        rows = self.protocol[self.protocol["rule"] == variant]
+        for name, value in setting.items():
+            rows = rows[rows[name] == value]
+        if len(rows) != 1:
+            raise KeyError(f"no single protocol row for {variant!r} at {setting}.")
+        return float(rows["lr"].iloc[0])
+
+
+def converge(
+    nb: Setup,
+    *,
+    over: Mapping[str, Sequence[Any]] | None = None,
+    keep_runs: bool = True,
+    keep_l0: bool = False,
+    **kwargs: Any,
+) -> Converged:
+    """Run the convergence protocol (``adaptive_sae.convergence.converge``) on the notebook's
+    data and held-out tokens, once per combination of the ``over`` settings (e.g.
+    ``{"k": k_values}`` or ``{"aux_loss": aux_losses}``), and save its tables (``protocol``,
+    ``curve``, ``lr_trials``) in the results folder. Its arguments default to the notebook's
+    parameters: ``variants`` (the rules), ``k``, ``n_features``, ``batch_size``, ``seeds``,
+    ``start_tokens`` (else ``total_tokens``: one budget), ``total_tokens`` (the largest
+    budget), ``learning_rates`` (the first grid), ``input_scaling``, ``aux_loss``,
+    ``resample_every_tokens`` and ``device``; ``kwargs`` override them. Finished trials are
+    cached under ``<results>/trials``, so an interrupted notebook resumes."""
+    from . import convergence
+
+    p = nb.params
+    base: dict[str, Any] = {
+        "rules": p.get("variants"),
+        "k": p.get("k"),
+        "n_features": p.get("n_features"),
+        "batch_size": p.get("batch_size"),
+        "seeds": p.get("seeds"),
+        "max_tokens": p.get("total_tokens"),
+        "start_tokens": p.get("start_tokens", p.get("total_tokens")),
+        "lrs": p.get("learning_rates"),
+        "input_scaling": p.get("input_scaling"),
+        "aux_loss": p.get("aux_loss"),
+        "device": p.get("device"),
+    }
+    base = {key: value for key, value in base.items() if value is not None}
+    base.update(kwargs)
+    over = dict(over or {})
+    out: dict[tuple, Any] = {}
+    for values in itertools.product(*over.values()):
+        setting = dict(zip(over, values))
+        args = {**base, **setting}
+        if args.get("aux_loss") == ex.RESAMPLE:
+            args.setdefault("resample_every_tokens", p.get("resample_every_tokens"))
+        out[values] = convergence.converge(
+            nb.data,
+            nb.eval_set,
+            cache_dir=nb.out.path / "trials",
+            keep_runs=keep_runs,
+            keep_l0=keep_l0,
+            log=print,
+            **args,
+        )
+
+    def cat(frames: list[pd.DataFrame]) -> pd.DataFrame:
+        frames = [f for f in frames if len(f)]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+    def tagged(name: str) -> pd.DataFrame:
+        frames = []
+        for values, conv in out.items():
+            frame = getattr(conv, name).copy()
+            for col, value in zip(over, values):
+                frame[col] = value
+            frames.append(frame)
+        return cat(frames)
+
+    final = convergence.concat_grids([c.final for c in out.values() if c.final is not None])
+    result = Converged(
+        tagged("runs"),
+        tagged("table"),
+        tagged("curve"),
+        tagged("lr_trials"),
+        final,
+        convergence.split_held_out(nb.eval_set)[1],
+        out,
+    )
+    nb.out.save_table("protocol", result.protocol)
+    nb.out.save_table("curve", result.curve)
+    nb.out.save_table("lr_trials", result.lr_trials)
+    print(
+        f"final budget {result.tokens:,} tokens per SAE; converged: {result.converged}\n"
+        + result.protocol[
+            [c for c in ["rule", *over, "lr", "lr_below", "lr_above", "tokens", "converged"]
+             if c in result.protocol]
+        ].to_string(index=False)
+    )  # fmt: skip
+    return result
+
+
 def record_verdict(
     nb: Setup, verdict: pd.DataFrame, *, key: list[str], holds: str = "holds"
 ) -> pd.DataFrame:
@@ -125,4 +249,4 @@ def record_verdict(
     return table
 
 
-__all__ = ["Setup", "parameters_of", "record_verdict", "start"]
+__all__ = ["Converged", "Setup", "converge", "parameters_of", "record_verdict", "start"]

@@ -228,3 +228,21 @@ def test_cuda_matches_cpu():
     out_g, g_g = grads_of(lambda: sparse_ops.sparse_reconstruct(*cuda, idx_c, Pc), cuda)
     for a, b in zip(out_g + g_g, out_c + g_c):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_cols", [512, (1 << 16) + 5])
+def test_column_order_groups_row_ordered_entries_by_column_then_row(n_cols):
+    """The radix path (under 2^16 columns) and the comparison sort (above) give the (col, row)
+    order of entries stored in row order: the order the backward's per-feature sums need."""
+    from adaptive_sae.sparse_ops import column_order
+
+    g = torch.Generator().manual_seed(0)
+    B, per_row = 300, 7
+    rows = torch.arange(B).repeat_interleave(per_row)
+    cols = torch.stack(
+        [torch.randperm(n_cols, generator=g)[:per_row].sort().values for _ in range(B)]
+    )
+    cols = cols.reshape(-1)
+    perm = column_order(cols, n_cols)
+    assert torch.equal(perm, torch.argsort(cols * B + rows))
+    assert column_order(cols[:0], n_cols).numel() == 0

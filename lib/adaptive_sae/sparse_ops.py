@@ -28,6 +28,7 @@ from __future__ import annotations
 import warnings
 from typing import Literal, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F_
 from torch import Tensor
@@ -115,7 +116,7 @@ def values_at(P: Tensor, flat_idx: Tensor) -> Tensor:
     """P at the flat indices b·F + f, for any memory layout of P (never copies P)."""
     F = P.shape[1]
     if P.is_contiguous():
-        return P.reshape(-1)[flat_idx]
+        return P.reshape(-1).index_select(0, flat_idx)
     rows = torch.div(flat_idx, F, rounding_mode="floor")
     return P[rows, flat_idx - rows * F]
 
@@ -151,6 +152,17 @@ class SparseReconstruction(NamedTuple):
     """(B, d) reconstruction Σ_i v_i W_dec[f_i] (+ b_dec), in the scaled input space."""
     values: Tensor
     """(K,) ReLU(P) at the selected entries, in the order of ``flat_idx`` (differentiable)."""
+
+
+def column_order(cols: Tensor, n_cols: int) -> Tensor:
+    """The permutation that sorts ``cols`` stably (entries in row order come out in (column,
+    row) order). On a CPU with fewer than 2^16 columns, numpy's radix sort of 16-bit keys: about
+    10x faster than a comparison sort of int64 keys at K = 8192, where that sort was a tenth
+    of a small SAE's step."""
+    if cols.device.type == "cpu" and n_cols <= 1 << 16 and cols.numel() > 0:
+        keys = cols.numpy().astype(np.uint16)
+        return torch.from_numpy(keys.argsort(kind="stable"))
+    return torch.sort(cols, stable=True).indices
 
 
 def exclusive_cumsum(counts: Tensor) -> Tensor:
@@ -225,16 +237,16 @@ class _SparseReconstruct(torch.autograd.Function):
         if g_vals is not None:
             g = g + g_vals.to(wdt)
         gP = g * active  # ∂L/∂P at the selected entries
-        # group by feature: entries sorted by (col, row)
-        perm = torch.argsort(cols * B + rows)
-        rows_c = rows[perm]
+        # group by feature: entries (in row order) sorted stably by column, i.e. by (col, row)
+        perm = column_order(cols, F)
+        rows_c = rows.index_select(0, perm)
         col_off = exclusive_cumsum(torch.bincount(cols, minlength=F))
         xc = (x_s - b_dec).to(wdt)
         dW_enc = dW_dec = db_enc = db_dec = dx = None
         if need[3]:
-            dW_dec = _bag(rows_c, gx, col_off, vals[perm])  # (F, d)
+            dW_dec = _bag(rows_c, gx, col_off, vals.index_select(0, perm))  # (F, d)
         if need[1]:
-            dW_enc = _bag(rows_c, xc, col_off, gP[perm]).t()  # (d, F)
+            dW_enc = _bag(rows_c, xc, col_off, gP.index_select(0, perm)).t()  # (d, F)
         db = torch.zeros(F, dtype=wdt, device=x_s.device).index_add_(0, cols, gP)
         if need[2]:
             db_enc = db
@@ -317,12 +329,13 @@ class _StackedReconstruct(torch.autograd.Function):
         gx = g_xhat.to(wdt).reshape(n * B, d).contiguous()
         g = sampled_dots(gx, W_dec.reshape(n * F, d), rows, cols, row_counts)
         gP = g * active
-        perm = torch.argsort(cols, stable=True)  # entries are in row order: (col, row) order
-        rows_c = rows[perm]
+        perm = column_order(cols, n * F)  # entries are in row order: (col, row) order
+        rows_c = rows.index_select(0, perm)
         col_off = exclusive_cumsum(torch.bincount(cols, minlength=n * F))
         xc = (x_s - b_dec.unsqueeze(1)).to(wdt).reshape(n * B, d)
-        dW_dec = _bag(rows_c, gx, col_off, vals[perm]).view(n, F, d)
-        dW_enc = _bag(rows_c, xc, col_off, gP[perm]).view(n, F, d).transpose(1, 2)
+        dW_dec = _bag(rows_c, gx, col_off, vals.index_select(0, perm)).view(n, F, d)
+        dW_enc = _bag(rows_c, xc, col_off, gP.index_select(0, perm)).view(n, F, d)
+        dW_enc = dW_enc.transpose(1, 2)
         db = torch.zeros(n * F, dtype=wdt, device=x_s.device).index_add_(0, cols, gP).view(n, F)
         gx3 = gx.view(n, B, d)
         db_dec = torch.stack([gx3[s].sum(0) - W_enc[s].to(wdt) @ db[s] for s in range(n)])
@@ -435,6 +448,7 @@ __all__ = [
     "entries_at_least",
     "sorted_indices",
     "exclusive_cumsum",
+    "column_order",
     "SparseReconstruction",
     "sparse_reconstruct",
     "subset_reconstruct",

@@ -68,7 +68,8 @@ def _tensor_batches(x: Tensor, B: int, seed: int, start: int) -> Iterator[Tensor
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         perm = torch.randperm(x.shape[0], generator=g)
         while j < per_epoch:
-            yield x[perm[j * B : (j + 1) * B]]
+            # index_select: advanced indexing (x[rows]) was 6x slower here on a CPU
+            yield x.index_select(0, perm[j * B : (j + 1) * B])
             j += 1
             step += 1
 

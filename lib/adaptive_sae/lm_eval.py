@@ -419,6 +419,7 @@ def lm_comparison(
         g = seed_rows[seed_rows["variant"] == name]
         t = conv.table.set_index("rule").loc[name]
         row = {"variant": name, "rule": g["rule"].iloc[0], **g[numeric].mean().to_dict()}
+        row.update({f"{c}_std": float(g[c].std()) for c in ("delta_ce", "dead_pct") if c in g})
         row.update(
             nmse_std=float(g["nmse"].std()),
             seeds=len(g),
@@ -479,11 +480,22 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         description="Train an SAE of every rule on the embedded model and compare NMSE and ΔCE."
     )
-    p.add_argument("--tokens", type=int, default=500_000, help="training tokens per SAE")
+    p.add_argument(
+        "--tokens", type=int, default=500_000, help="the largest training budget per SAE"
+    )
     p.add_argument("--features", type=int, default=1024)
     p.add_argument("--k", type=float, default=8.0)
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seeds", type=int, nargs="+", default=None, help="seeds on test tokens (default: --seed)"
+    )
+    p.add_argument(
+        "--start-tokens",
+        type=int,
+        default=None,
+        help="the protocol's first budget, doubled up to --tokens (default: a quarter of it)",
+    )
     p.add_argument("--rules", nargs="+", default=list(RULES), help="registered rule names")
     a = p.parse_args(argv)
     lm_comparison(
@@ -493,6 +505,8 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=a.batch_size,
         total_tokens=a.tokens,
         seed=a.seed,
+        seeds=a.seeds,
+        start_tokens=a.start_tokens,
     )
 
 

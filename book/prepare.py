@@ -559,6 +559,13 @@ def verdict_page(spec: VerdictSource, results: Path, convergence: bool = False) 
         parts.append(scale_line(point, spec.tokens, convergence))
         if point in judged:
             parts.append(verdict_table(point / "verdict.csv"))
+        if (point / "protocol.csv").is_file():
+            table = _read_csv(
+                point / "protocol.csv",
+                ["rule", "seeds", "nmse_mean", "nmse_std", "dead_pct_mean", "lr"],
+            )
+            parts.append("At the final budget, on test tokens (mean ± std across seeds):\n")
+            parts.append(comparison_table(table))
     return "\n".join(parts)
 
 
@@ -581,6 +588,43 @@ def write_verdicts(
 
 CONVERGENCE_SWEEP = "convergence/convergence"
 """The points of the convergence sweep (notebook 09), relative to ``results/``."""
+
+
+SETTINGS = ("k", "input_scaling", "aux_loss", "n_features")
+"""Columns of a ``protocol.csv`` that name the setting a comparison ran at (the notebook's
+``over``): each setting's rules are compared with its own TopK."""
+
+
+def comparison_table(table: pd.DataFrame) -> str:
+    """The protocol's final comparison, one row per setting and rule: NMSE on test tokens (mean ±
+    std across seeds), against TopK at the same setting, the inference rule's NMSE, dead % and
+    the learning rate (columns of ``table.csv`` / ``protocol.csv``)."""
+    settings = [c for c in SETTINGS if c in table.columns]
+    keyed = table.set_index([*settings, "rule"])
+    headers = [*settings, "rule", "NMSE (test)", "vs TopK", "NMSE, inference rule", "dead %", "lr"]
+    rows = []
+    for r in table.to_dict("records"):
+        n = int(r["seeds"])
+        at = tuple(r[c] for c in settings)
+        ref = keyed["nmse_mean"].get((*at, "topk")) if settings else keyed["nmse_mean"].get("topk")
+        vs = "–" if ref is None or r["rule"] == "topk" else f"{r['nmse_mean'] / ref - 1:+.1%}"
+        inf = (
+            mean_std(r["nmse_inference_mean"], r["nmse_inference_std"], n)
+            if "nmse_inference_mean" in r
+            else "–"
+        )
+        rows.append(
+            [
+                *(f"{r[c]:g}" if isinstance(r[c], float) else str(r[c]) for c in settings),
+                LABELS.get(r["rule"], r["rule"]),
+                mean_std(r["nmse_mean"], r["nmse_std"], n),
+                vs,
+                inf,
+                mean_std(r["dead_pct_mean"], r.get("dead_pct_std", float("nan")), n),
+                f"{r['lr']:g}",
+            ]
+        )
+    return _markdown(headers, rows)
 
 
 def convergence_point(point: Path) -> str:
@@ -612,29 +656,7 @@ def convergence_point(point: Path) -> str:
         f"{_committed(prov.get('git') or {})}.",
         "",
     ]
-    top = table.set_index("rule")
-    ref = float(top.loc["topk", "nmse_mean"]) if "topk" in top.index else None
-    headers = ["rule", "NMSE (test)", "vs TopK", "NMSE, inference rule", "dead %", "lr"]
-    rows = []
-    for r in table.to_dict("records"):
-        n = int(r["seeds"])
-        vs = "–" if ref is None or r["rule"] == "topk" else f"{r['nmse_mean'] / ref - 1:+.1%}"
-        inf = (
-            mean_std(r["nmse_inference_mean"], r["nmse_inference_std"], n)
-            if "nmse_inference_mean" in r
-            else "–"
-        )
-        rows.append(
-            [
-                LABELS.get(r["rule"], r["rule"]),
-                mean_std(r["nmse_mean"], r["nmse_std"], n),
-                vs,
-                inf,
-                mean_std(r["dead_pct_mean"], r.get("dead_pct_std", float("nan")), n),
-                f"{r['lr']:g}",
-            ]
-        )
-    lines.append(_markdown(headers, rows).rstrip("\n"))
+    lines.append(comparison_table(table).rstrip("\n"))
     winners = curve.drop_duplicates("tokens").sort_values("tokens")[["tokens", "winner"]]
     changes = [
         f"{LABELS.get(b, b)} from {t:,} tokens"

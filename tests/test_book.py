@@ -452,8 +452,16 @@ def test_verdicts_show_every_committed_verdict_row(generated):
         page = (generated / "verdicts" / f"{spec.name}.md").read_text(encoding="utf-8")
         verdicts = sorted((ROOT / "results" / spec.sweep).glob("*/verdict.csv"))
         rows = sum(len(pd.read_csv(v)) for v in verdicts)
-        shown = sum(1 for line in page.splitlines() if line.endswith(" |")) - 2 * len(verdicts)
-        assert shown == rows, spec.name
+        tables, run = [], []  # a table is a run of lines starting with |
+        for line in [*page.splitlines(), ""]:
+            if line.startswith("|"):
+                run.append(line)
+            elif run:
+                tables.append(run)
+                run = []
+        claims = [t for t in tables if t[0].startswith("| claim")]
+        shown = sum(len(t) - 2 for t in claims)
+        assert shown == rows and len(claims) == len(verdicts), spec.name
         assert page.count("Scale: ") == max(len(verdicts), 1), spec.name
 
 
@@ -509,3 +517,26 @@ def test_convergence_page_names_a_missing_table(tmp_path):
     (point / "curve.csv").unlink()
     with pytest.raises(prepare.PrepareError, match=r"curve\.csv: missing"):
         prepare.convergence_page(tmp_path)
+
+
+def test_comparison_table_compares_each_setting_with_its_own_topk():
+    table = pd.DataFrame(
+        {
+            "k": [4, 4, 8, 8],
+            "rule": ["topk", "mutual_choice", "topk", "mutual_choice"],
+            "seeds": 3,
+            "nmse_mean": [0.4, 0.3, 0.2, 0.25],
+            "nmse_std": 0.01,
+            "dead_pct_mean": [1.0, 50.0, 2.0, 60.0],
+            "dead_pct_std": 0.5,
+            "lr": [0.01, 0.003, 0.01, 0.03],
+        }
+    )
+    md = prepare.comparison_table(table)
+    assert (
+        md.splitlines()[0]
+        == "| k | rule | NMSE (test) | vs TopK | NMSE, inference rule | dead % | lr |"
+    )
+    assert "| 4 | Mutual Choice | 0.300 ± 0.010 | -25.0% | – | 50.0 ± 0.5 | 0.003 |" in md
+    assert "| 8 | Mutual Choice | 0.250 ± 0.010 | +25.0% | – | 60.0 ± 0.5 | 0.03 |" in md
+    assert "| 8 | TopK | 0.200 ± 0.010 | – |" in md

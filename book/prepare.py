@@ -319,13 +319,14 @@ class VerdictSource:
     name: str
     """The chapter (``chapters/<name>.md``) and the output file ``verdicts/<name>.md``."""
     sweep: str
-    """The sweep's folder of points, relative to ``results/``."""
+    """The sweeps' folders of points, relative to ``results/`` (a glob: ``<name>/<name>*``
+    takes in the sweeps that run the same notebook on other sources)."""
     tokens: str = "total_tokens"
     """The notebook parameter that holds the training tokens per SAE."""
 
 
 VERDICTS = [
-    VerdictSource(name, f"{name}/{name}")
+    VerdictSource(name, f"{name}/{name}*")
     for name in (
         "allocation_mechanisms",
         "sparsity_allocation",
@@ -546,7 +547,7 @@ def verdict_page(spec: VerdictSource, results: Path, convergence: bool = False) 
     """Per point of the sweep (the folders with a ``verdict.csv``), its scale line and its
     verdict table; a sweep without verdicts gets the scale line of each point."""
     sweep = results / spec.sweep
-    points = sorted(p for p in sweep.glob("*") if p.is_dir()) if sweep.is_dir() else []
+    points = sorted(p for s in results.glob(spec.sweep) for p in s.glob("*") if p.is_dir())
     judged = [p for p in points if (p / "verdict.csv").is_file()]
     shown = judged or [p for p in points if (p / "provenance.json").is_file()]
     if not shown:

@@ -450,7 +450,7 @@ def test_verdict_prose_states_no_number(chapter):
 def test_verdicts_show_every_committed_verdict_row(generated):
     for spec in prepare.VERDICTS:
         page = (generated / "verdicts" / f"{spec.name}.md").read_text(encoding="utf-8")
-        verdicts = sorted((ROOT / "results" / spec.sweep).glob("*/verdict.csv"))
+        verdicts = sorted((ROOT / "results").glob(f"{spec.sweep}/*/verdict.csv"))
         rows = sum(len(pd.read_csv(v)) for v in verdicts)
         tables, run = [], []  # a table is a run of lines starting with |
         for line in [*page.splitlines(), ""]:

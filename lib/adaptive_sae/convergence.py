@@ -407,15 +407,17 @@ def converge(
     return Convergence(table, curve, trials_table, runs, trained, final_grid)
 
 
+def concat_frames(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """The non-empty frames, concatenated (an empty frame if none)."""
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
 def concat_grids(grids: Sequence[ex.Grid]) -> ex.Grid:
     """One :class:`experiments.Grid` holding the rows and SAEs of several."""
-
-    def cat(name: str) -> pd.DataFrame:
-        frames = [getattr(g, name) for g in grids if len(getattr(g, name))]
-        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-
-    runs = [r for g in grids for r in g.runs]
-    return ex.Grid(cat("table"), cat("histories"), cat("densities"), cat("l0"), runs)
+    names = ("table", "histories", "densities", "l0")
+    tables = [concat_frames([getattr(g, n) for g in grids]) for n in names]
+    return ex.Grid(*tables, [r for g in grids for r in g.runs])
 
 
 def compare_rules(

@@ -186,18 +186,10 @@ def converge(
             **args,
         )
 
-    def cat(frames: list[pd.DataFrame]) -> pd.DataFrame:
-        frames = [f for f in frames if len(f)]
-        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-
-    def tagged(name: str) -> pd.DataFrame:
-        frames = []
-        for values, conv in out.items():
-            frame = getattr(conv, name).copy()
-            for col, value in zip(over, values):
-                frame[col] = value
-            frames.append(frame)
-        return cat(frames)
+    def tagged(name: str) -> pd.DataFrame:  # each setting's table, with the setting as columns
+        return convergence.concat_frames(
+            [getattr(c, name).assign(**dict(zip(over, v))) for v, c in out.items()]
+        )
 
     final = convergence.concat_grids([c.final for c in out.values() if c.final is not None])
     result = Converged(

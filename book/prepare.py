@@ -672,8 +672,60 @@ def convergence_point(point: Path) -> str:
         f"Best validation NMSE by budget (search seed): {first} at {int(winners['tokens'].iloc[0]):,}"
         f" tokens" + (f", then {', then '.join(changes)}." if changes else ", at every budget."),
         "",
+        limits_text(curve),
     ]
     return "\n".join(lines)
+
+
+def limits_text(curve: pd.DataFrame) -> str:
+    """Where each rule's curve is heading (``adaptive_sae.extrapolation``): the fitted limit of
+    NMSE(T) = limit + b·(T/T_last)^(−c) over the last budgets, what is still to go, the budget
+    for a doubling within 1 %, and the limit against TopK's (settled beyond two standard
+    errors); or why there is no fit."""
+    from adaptive_sae import extrapolation
+
+    limits = extrapolation.limits(curve)
+    if not limits["fit_ok"].all():
+        why = "; ".join(
+            f"{LABELS.get(r, r)}: {w}" for r, w in zip(limits["rule"], limits["why"]) if w
+        )
+        return f"No power-law fit of where the curves are heading ({why}).\n"
+    verdicts = (
+        extrapolation.limit_verdicts(limits).set_index("rule")
+        if "topk" in set(limits["rule"])
+        else pd.DataFrame()
+    )
+    rows = []
+    for r in limits.to_dict("records"):
+        v = verdicts.loc[r["rule"]] if r["rule"] in verdicts.index else None
+        against = (
+            "–"
+            if v is None
+            else f"{v['difference']:+.1%} ± {v['difference_se']:.1%} "
+            f"({v['verdict'].replace('topk', 'TopK')})"
+        )
+        to_go = r["tokens_to_tolerance"]
+        rows.append(
+            [
+                LABELS.get(r["rule"], r["rule"]),
+                f"{r['nmse_last']:.4f}",
+                f"{r['limit']:.4f} ± {r['limit_se']:.4f}",
+                f"{r['remaining']:.1%}",
+                f"{r['exponent']:.2f}",
+                "already" if to_go <= r["last_tokens"] else f"{to_go:.2g}",
+                against,
+            ]
+        )
+    n, first = int(limits["budgets_fitted"].min()), int(limits["first_tokens"].min())
+    headers = ["rule", "NMSE, last budget", "fitted limit", "still to go", "exponent c",
+               "tokens for a doubling within 1 %", "limit vs TopK"]  # fmt: skip
+    return (
+        f"Where the curves are heading: NMSE(T) = limit + b·(T/T_last)^(−c) fitted to each "
+        f"rule's last {n} budgets from {first:,} tokens (search seed, validation tokens; "
+        f"estimates with their standard errors, `adaptive_sae.extrapolation`). A difference "
+        f"from TopK's limit is settled only beyond two standard errors.\n\n"
+        + _markdown(headers, rows)
+    )
 
 
 def convergence_page(results: Path) -> str:

@@ -504,10 +504,32 @@ def test_convergence_page_from_hand_built_tables(tmp_path, converged):
     )
     assert "| TopK | 0.200 ± 0.002 | – | 0.200 ± 0.002 | 10.0 ± 1.0 | 0.01 |" in page
     assert "| Mutual Choice | 0.180 ± 0.004 | -10.0% | 0.190 ± 0.003 | 80.5 ± 2.5 | 0.03 |" in page
-    assert page.rstrip().endswith(
+    assert (
         "Best validation NMSE by budget (search seed): TopK at 1,048,576 tokens, then Mutual "
-        "Choice from 2,097,152 tokens."
+        "Choice from 2,097,152 tokens.\n" in page
     )
+    assert page.rstrip().endswith(
+        "No power-law fit of where the curves are heading (TopK: 3 finite budgets; the fit "
+        "needs 4; Mutual Choice: 3 finite budgets; the fit needs 4)."
+    )
+
+
+def test_convergence_page_fits_where_the_curves_are_heading(tmp_path):
+    """Exact power laws NMSE = limit + b·(T/T_last)^(−1/2) on 6 budgets: the fitted limits come
+    back, and Mutual Choice's limit (0.1 against TopK's 0.15) is settled below TopK's."""
+    point = _convergence_point(tmp_path, False)
+    last = 2**22
+    rows = ["rule,tokens,nmse_val,winner"]
+    for i in range(6):
+        t = last // 2 ** (5 - i)
+        for rule, limit in (("topk", 0.15), ("mutual_choice", 0.1)):
+            rows.append(f"{rule},{t},{limit + 0.05 * (t / last) ** -0.5},mutual_choice")
+    (point / "curve.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    page = prepare.convergence_page(tmp_path)
+    assert "fitted to each rule's last 6 budgets from 131,072 tokens" in page
+    assert "| TopK | 0.2000 | 0.1500 ± 0.0000 | 25.0% | 0.50 |" in page
+    assert "| Mutual Choice | 0.1500 | 0.1000 ± 0.0000 | 33.3% | 0.50 |" in page
+    assert "-33.3% ± 0.0% (below TopK) |" in page
 
 
 def test_convergence_page_names_a_missing_table(tmp_path):

@@ -211,9 +211,13 @@ def test_study_writes_tables_and_figures(tmp_path):
     conv = convergence.study("synthetic", tmp_path / "convergence" / "s", **kwargs)
     out = tmp_path / "convergence" / "s"
     for name in ("table.csv", "curve.csv", "lr_trials.csv", "runs.csv", "summary.md",
-                 "nmse_vs_tokens.png", "lr_bracket.svg", "provenance.json"):  # fmt: skip
+                 "limits.csv", "nmse_vs_tokens.png", "lr_bracket.svg", "provenance.json"):  # fmt: skip
         assert (out / name).is_file(), name
     assert "converged: False" in (out / "summary.md").read_text()
+    # two budgets are too few for the power-law fit: the table says so instead of guessing
+    limits = pd.read_csv(out / "limits.csv")
+    assert list(limits["rule"]) == ["topk", "mutual_choice"]
+    assert (~limits["fit_ok"]).all() and limits["why"].str.contains("needs 4").all()
     assert len(conv.curve) == 2 * 2  # two budgets x two rules
 
 

@@ -113,3 +113,24 @@ def test_a_table_without_the_needed_columns_is_named():
         plots.pareto(pd.DataFrame({"rule": ["topk"], "nmse": [0.1]}))
     with pytest.raises(ValueError, match="no variant or rule column"):
         plots.style_column(pd.DataFrame({"x": [1]}))
+
+
+def test_convergence_curve_redraws_from_the_committed_curve_with_its_fits(tmp_path):
+    """The committed convergence curve redraws; with its fitted limits every rule gains one
+    dashed line that starts at its first fitted budget and runs 8× past its last."""
+    from adaptive_sae import extrapolation
+
+    curve = pd.read_csv(
+        ROOT / "results/convergence/convergence/source=synthetic__seeds=0-1-2/curve.csv"
+    )
+    plain = plots.convergence_curve(curve)
+    limits = extrapolation.limits(curve)
+    fig = plots.convergence_curve(curve, limits=limits)
+    dashed = [ln for ln in fig.axes[0].get_lines() if ln.get_linestyle() == "--"]
+    assert len(dashed) == curve["rule"].nunique() == len(limits)
+    assert not [ln for ln in plain.axes[0].get_lines() if ln.get_linestyle() == "--"]
+    for ln, row in zip(dashed, limits.to_dict("records")):
+        x = ln.get_xdata()
+        assert x[0] == pytest.approx(row["first_tokens"])
+        assert x[-1] == pytest.approx(8 * row["last_tokens"])
+    _png_ok(fig, tmp_path / "curve.png")

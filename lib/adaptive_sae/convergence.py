@@ -539,14 +539,16 @@ def write_report(out, parameters: Mapping[str, Any], source: Any = None) -> None
     """Figures (NMSE against the budget, the final learning-rate brackets), ``summary.md``
     (mean ± std per rule, budget, bracket, converged) and ``provenance.json`` in the folder of
     a finished :func:`study`, drawn from its saved tables."""
-    from . import plots, results
+    from . import extrapolation, plots, results
 
     out = Path(out)
     curve, table = pd.read_csv(out / "curve.csv"), pd.read_csv(out / "table.csv")
     trials = pd.read_csv(out / "lr_trials.csv")
     plots.set_style()
     rd = results.ResultsDir(out.parent.name, out.name, root=out.parent.parent)
-    rd.save_figure(plots.convergence_curve(curve), "nmse_vs_tokens")
+    limits = extrapolation.limits(curve)
+    rd.save_table("limits", limits)
+    rd.save_figure(plots.convergence_curve(curve, limits=limits), "nmse_vs_tokens")
     rd.save_figure(plots.lr_bracket(trials, int(table["tokens"].iloc[0])), "lr_bracket")
     metrics = ["nmse", "nmse_inference", "dead_pct", "l0_std"]
     text = mean_std_text(table, metrics)
@@ -562,6 +564,11 @@ def write_report(out, parameters: Mapping[str, Any], source: Any = None) -> None
         curve.pivot(index="tokens", columns="rule", values="nmse_val").to_markdown(),
         "",
         curve.pivot(index="tokens", columns="rule", values="lr").to_markdown(),
+        "",
+        "Fitted NMSE(T) = limit + b·(T/T_last)^(−c) over the last budgets "
+        "(adaptive_sae.extrapolation; estimates from the search seed's curve):",
+        "",
+        limits.drop(columns=["why"]).to_markdown(index=False, floatfmt=".4g"),
         "",
     ]
     rd._record(atomic_write_text(out / "summary.md", "\n".join(lines)))

@@ -664,16 +664,25 @@ def nmse_vs_width(runs: pd.DataFrame, title: str | None = None):
     return fig
 
 
-def convergence_curve(curve: pd.DataFrame, title: str = ""):
-    """The convergence protocol (``adaptive_sae.convergence``): validation NMSE against training tokens (log axis), one line per rule at its best
-    learning rate of each budget; dotted verticals where the winner changes."""
+def convergence_curve(curve: pd.DataFrame, title: str = "", limits: pd.DataFrame | None = None):
+    """The convergence protocol (``adaptive_sae.convergence``): validation NMSE against
+    training tokens (log axis), one line per rule at its best learning rate of each budget;
+    dotted verticals where the winner changes. With ``limits`` (``extrapolation.limits``), each
+    rule's fitted power law is drawn dashed over its fitted budgets and 8× past the last."""
+    from .extrapolation import fitted_curve
+
     fig, ax = figure()
+    fits = {} if limits is None else {r["rule"]: r for r in limits.to_dict("records")}
     for rule, g in curve.groupby("rule", sort=False):
         g = g.sort_values("tokens")
         st = rule_style(rule)
         ax.plot(
             g["tokens"], g["nmse_val"], marker=st["marker"], color=st["color"], label=st["label"]
         )
+        fit = fits.get(rule)
+        if fit is not None and fit["fit_ok"]:
+            t = np.geomspace(fit["first_tokens"], 8 * fit["last_tokens"], 50)
+            ax.plot(t, fitted_curve(fit, t), ls="--", lw=1, color=st["color"])
     from .convergence import verdict_changes
 
     for t in verdict_changes(curve)["tokens"]:

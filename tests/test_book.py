@@ -510,7 +510,7 @@ def test_convergence_page_from_hand_built_tables(tmp_path, converged):
     )
     assert page.rstrip().endswith(
         "No power-law fit of where the curves are heading (TopK: 3 finite budgets; the fit "
-        "needs 4; Mutual Choice: 3 finite budgets; the fit needs 4)."
+        "needs 5; Mutual Choice: 3 finite budgets; the fit needs 5)."
     )
 
 

@@ -217,7 +217,7 @@ def test_study_writes_tables_and_figures(tmp_path):
     # two budgets are too few for the power-law fit: the table says so instead of guessing
     limits = pd.read_csv(out / "limits.csv")
     assert list(limits["rule"]) == ["topk", "mutual_choice"]
-    assert (~limits["fit_ok"]).all() and limits["why"].str.contains("needs 4").all()
+    assert (~limits["fit_ok"]).all() and limits["why"].str.contains("needs 5").all()
     assert len(conv.curve) == 2 * 2  # two budgets x two rules
 
 

@@ -65,9 +65,9 @@ def test_flat_curve_has_no_distance_left():
 
 
 def test_short_or_broken_curves_say_why():
-    fit = ex.fit_limit(BUDGETS[:3], [0.3, 0.2, 0.15])
-    assert not fit["fit_ok"] and "needs 4" in fit["why"] and math.isnan(fit["limit"])
-    fit = ex.fit_limit(BUDGETS[:5], [0.3, float("nan"), 0.2, float("inf"), 0.15])
+    fit = ex.fit_limit(BUDGETS[:4], [0.3, 0.2, 0.15, 0.14])
+    assert not fit["fit_ok"] and "needs 5" in fit["why"] and math.isnan(fit["limit"])
+    fit = ex.fit_limit(BUDGETS[:6], [0.3, float("nan"), 0.2, float("inf"), 0.15, 0.14])
     assert not fit["fit_ok"]
 
 
@@ -111,7 +111,7 @@ def test_bad_input_names_the_fix():
     with pytest.raises(ValueError, match="nmse_val"):
         ex.limits(pd.DataFrame({"rule": ["topk"], "tokens": [1]}))
     with pytest.raises(ValueError, match="window"):
-        ex.limits(curve_of({"topk": (0.1, 0.1, 1.0)}), window=3)
+        ex.limits(curve_of({"topk": (0.1, 0.1, 1.0)}), window=4)
     with pytest.raises(ValueError, match="reference"):
         ex.limit_verdicts(ex.limits(curve_of({"mutual_choice": (0.1, 0.1, 1.0)})))
 

@@ -23,7 +23,9 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-CURVE_COLUMNS = ("rule", "tokens", "nmse_val")
+MIN_BUDGETS = 5
+"""The fewest budgets a fit uses: three parameters, and two degrees of freedom left for their
+standard errors (four budgets fit any smooth curve and leave the errors meaningless)."""
 
 
 def _model(x, limit, b, c):
@@ -47,8 +49,8 @@ def tokens_to_tolerance(limit: float, b: float, c: float, last_tokens: int, tole
 
 
 def fit_limit(tokens: Sequence[float], nmse: Sequence[float], tolerance: float = 0.01) -> dict:
-    """Fit ``NMSE(T) = limit + b·(T/T_last)^(−c)`` to one rule's budget curve (at least four
-    budgets); returns limit, limit_se, b, exponent, exponent_se, rmse and tokens_to_tolerance
+    """Fit ``NMSE(T) = limit + b·(T/T_last)^(−c)`` to one rule's budget curve (at least
+    :data:`MIN_BUDGETS` budgets); returns limit, limit_se, b, exponent, exponent_se, rmse and tokens_to_tolerance
     (``fit_ok`` False, with ``why``, when the curve is too short or the fit fails)."""
     from scipy.optimize import curve_fit
 
@@ -62,8 +64,12 @@ def fit_limit(tokens: Sequence[float], nmse: Sequence[float], tolerance: float =
         limit=float("nan"), limit_se=float("nan"), b=float("nan"), exponent=float("nan"),
         exponent_se=float("nan"), rmse=float("nan"), tokens_to_tolerance=float("nan"),
     )  # fmt: skip
-    if len(T) < 4:
-        return {**empty, "fit_ok": False, "why": f"{len(T)} finite budgets; the fit needs 4"}
+    if len(T) < MIN_BUDGETS:
+        return {
+            **empty,
+            "fit_ok": False,
+            "why": f"{len(T)} finite budgets; the fit needs {MIN_BUDGETS}",
+        }
     x = T / T[-1]
     p0 = [0.9 * y[-1], max(y[0] - 0.9 * y[-1], 1e-6) * x[0] ** 0.5, 0.5]
     try:
@@ -97,7 +103,8 @@ def limits(
     curve: pd.DataFrame, *, window: int = 6, tolerance: float = 0.01, metric: str = "nmse_val"
 ) -> pd.DataFrame:
     """One row per rule of a convergence curve (``converge(...).curve`` or its ``curve.csv``):
-    the power-law fit over the last ``window`` budgets (at least 4; the earliest budgets, where
+    the power-law fit over the last ``window`` budgets (at least :data:`MIN_BUDGETS`; the
+    earliest budgets, where
     the learning-rate schedule and initialisation dominate, are left out), NMSE at the last
     budget, the fitted limit ± its standard error, how much of the last NMSE is still to go
     (``remaining``), the exponent and the budget at which a doubling would move NMSE by no more
@@ -108,8 +115,10 @@ def limits(
             f"the curve lacks columns {need}; pass converge(...).curve or its curve.csv "
             f"(columns rule, tokens, {metric})."
         )
-    if window < 4:
-        raise ValueError(f"window={window}: the fit has 3 parameters and needs >= 4 budgets.")
+    if window < MIN_BUDGETS:
+        raise ValueError(
+            f"window={window}: the fit has 3 parameters and needs >= {MIN_BUDGETS} budgets."
+        )
     rows = []
     for rule, g in curve.groupby("rule", sort=False):
         g = g.sort_values("tokens").tail(window)
@@ -169,4 +178,11 @@ def fitted_curve(row, tokens: Sequence[float]) -> np.ndarray:
     return _model(x, float(row["limit"]), float(row["b"]), float(row["exponent"]))
 
 
-__all__ = ["fit_limit", "fitted_curve", "limit_verdicts", "limits", "tokens_to_tolerance"]
+__all__ = [
+    "MIN_BUDGETS",
+    "fit_limit",
+    "fitted_curve",
+    "limit_verdicts",
+    "limits",
+    "tokens_to_tolerance",
+]

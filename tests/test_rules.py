@@ -249,7 +249,7 @@ def test_feature_choice_threshold_path_forced(kind, misleading, monkeypatch):
     tokens mislead the thresholds (those columns fall back to an exact topk)."""
     B, F = 300, 64
     monkeypatch.setattr(feature_choice, "_FC_SMALL", 0)
-    monkeypatch.setattr(feature_choice, "_FC_SAMPLE_ROWS", 60)
+    monkeypatch.setattr(feature_choice, "_FC_SAMPLE_ROWS", (60, 60))
     monkeypatch.setattr(sparse_ops, "_MASK_BLOCK", 1000)  # several blocks of the threshold pass
     P = torch.randn(B, F, generator=torch.Generator().manual_seed(2))
     if misleading:

@@ -30,9 +30,16 @@ from ..sparse_ops import Workspace, entries_at_least, exclusive_cumsum, values_a
 from .base import AllocationRule, ema_thresholds, register_rule
 
 # Below this many entries P is simply transposed; above, thresholds from the first
-# _FC_SAMPLE_ROWS tokens select candidates in one pass (no B×F copy).
+# B/8 tokens (at least 256, at most 1024) select candidates in one pass (no B×F copy). The
+# sample's top-q per column is the pass's main cost beside the compare: a smaller sample is
+# cheaper and its looser thresholds admit few extra candidates (measured: bench/README.md).
 _FC_SMALL = 1 << 20
-_FC_SAMPLE_ROWS = 1024
+_FC_SAMPLE_ROWS = (256, 1024)
+
+
+def _sample_rows(B: int) -> int:
+    lo, hi = _FC_SAMPLE_ROWS
+    return min(B, max(lo, min(hi, B // 8)))
 
 
 def _capacity_buckets(caps_sorted: Tensor) -> list[tuple[int, int, int, int]]:
@@ -105,7 +112,7 @@ def _fc_threshold(P: Tensor, caps_h: Tensor, ws: Workspace | None) -> Tensor:
     capacity is a large share of the batch, are selected exactly on their own."""
     B, F = P.shape
     dev = P.device
-    r = min(B, _FC_SAMPLE_ROWS)
+    r = _sample_rows(B)
     mean = caps_h.double() * (r / B)
     q = torch.ceil(mean + 2.5 * mean.sqrt() + 1.0).long().clamp(1, r)
     exact = (caps_h > 0) & ((caps_h * 16 >= B) | (q * 4 >= r))

@@ -247,6 +247,51 @@ def test_keep_runs_returns_the_final_grid_on_test_tokens():
     assert mean.to_dict() == pytest.approx(conv.table.set_index("rule")["nmse_mean"].to_dict())
 
 
+@pytest.mark.parametrize("keep_runs", [False, True])
+def test_final_budget_measures_the_search_seeds_sae_instead_of_training_it_again(keep_runs):
+    """The search seed at its best rate and the final budget was trained while bracketing; the
+    final step measures that SAE on test tokens and trains only the other seeds. Its test row
+    equals a fresh training of the same (data, seed, rate, budget) measured on test tokens."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4096, 8, generator=g) @ torch.randn(8, 8, generator=g)
+    held_out = torch.randn(256, 8, generator=g) @ torch.randn(8, 8, generator=g)
+    calls = []
+
+    def spy(data, **kw):
+        calls.append(kw)
+        return adaptive_sae.experiments.train_grid(data, **kw)
+
+    conv = convergence.converge(
+        x, held_out, rules=["topk", "mutual_choice"], k=2, n_features=16, batch_size=64,
+        seeds=(0, 1), start_tokens=64 * 4, max_tokens=64 * 8, lrs=(3e-3, 1e-2, 3e-2),
+        keep_runs=keep_runs, train_kwargs={"log_every": 100}, fit=spy,
+    )  # fmt: skip
+    test = convergence.split_held_out(held_out)[1]
+    final_tokens = int(conv.table["tokens"].iloc[0])
+    on_test = [kw for kw in calls if kw["eval_set"].x.data_ptr() == test.x.data_ptr()]
+    assert [tuple(kw["seeds"]) for kw in on_test] == [(1,), (1,)]  # seed 0 never retrained
+    assert sorted(zip(conv.runs["variant"], conv.runs["seed"])) == sorted(
+        (r, s) for r in ("topk", "mutual_choice") for s in (0, 1)
+    )
+    for rule in ("topk", "mutual_choice"):
+        lr = float(conv.table.set_index("rule").loc[rule, "lr"])
+        searched = [
+            kw for kw in calls
+            if kw["variants"][0].name == rule and kw["lrs"] == [lr]
+            and kw["total_tokens"] == final_tokens and tuple(kw["seeds"]) == (0,)
+        ]  # fmt: skip
+        assert len(searched) == 1
+        fresh = adaptive_sae.experiments.train_grid(
+            x, **{**searched[0], "eval_set": test, "keep_runs": False}
+        )
+        got = conv.runs[(conv.runs["variant"] == rule) & (conv.runs["seed"] == 0)]
+        assert float(got["nmse"].iloc[0]) == pytest.approx(float(fresh.table["nmse"].iloc[0]))
+    if keep_runs:
+        assert sorted((t.variant, t.seed) for t in conv.final.runs) == sorted(
+            (r, s) for r in ("topk", "mutual_choice") for s in (0, 1)
+        )
+
+
 def test_notebook_converge_runs_the_protocol_per_setting_and_saves_its_tables(tmp_path):
     from adaptive_sae import notebook
 

@@ -20,7 +20,10 @@ The protocol, at budgets T0, 2·T0, 4·T0, ... training tokens:
    ``converged = False``.
 3. **Seeds, on test tokens.** At the final budget every seed is trained at the rule's best
    learning rate and measured on the *test* half of the held-out tokens (never used for a
-   choice): mean ± std across seeds.
+   choice): mean ± std across seeds. The search seed at that rate and budget was trained in
+   step 1 already (the same training: data, seed, rate, budget); that SAE is measured on the
+   test half instead of being trained again (unless the run resumed from the trial cache,
+   which keeps rows, not SAEs).
 
 Every training goes through ``experiments.train_grid``. With ``cache_dir`` each finished trial
 is written there atomically, and a re-run with the same settings reuses it (resumable).
@@ -244,6 +247,9 @@ def converge(
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(folder / "settings.json", json.dumps(settings, default=str, indent=1))
     trials = _Trials(folder)
+    # the search seed's SAEs of the current budget, by (rule, tokens, lr): the final budget's
+    # search seed at its best rate is one of them, and is measured on test tokens, not retrained
+    searched: dict[tuple[str, int, float], ex.Trained] = {}
 
     def run(variant: ex.Variant, lr_list, seed_list, tokens, split, keep=False):
         """Rows (and SAEs) of the trials not done yet, through the driver; a learning rate
@@ -271,7 +277,7 @@ def converge(
                 eval_set=eval_set,
                 sae_kwargs=sae_kwargs,
                 train_kwargs=train_kwargs,
-                keep_runs=keep,
+                keep_runs=keep or split == "val",
                 progress=False,
                 device=device,
             )
@@ -282,6 +288,9 @@ def converge(
             try:
                 grid = fit(data, **kwargs)
                 table = grid.table.to_dict("records")
+                if split == "val":
+                    for tr in getattr(grid, "runs", []):
+                        searched[(variant.name, int(tokens), _round_lr(lr))] = tr
                 if keep:
                     kept.extend(getattr(grid, "runs", []))
                     grids.append(grid)
@@ -324,6 +333,8 @@ def converge(
     grids: dict[str, dict[float, float]] = {}
     tokens, prev, converged = start, None, False
     while True:
+        for key in [key for key in searched if key[1] < tokens]:
+            del searched[key]  # an earlier budget's SAEs: never final now
         now: dict[str, float] = {}
         for v in variants:
             if v.name in grids:  # start from the previous best and its neighbours
@@ -377,12 +388,27 @@ def converge(
     per_seed, trained, final_grids = [], [], []
     final = curve[curve["tokens"] == tokens].set_index("rule")
     for v in variants:
-        rows, (kept, grids) = run(
-            v, [final.loc[v.name, "lr"]], list(seeds), tokens, "test", keep_runs
-        )
-        per_seed.extend(rows)
-        trained.extend(kept)
-        final_grids.extend(grids)
+        lr = final.loc[v.name, "lr"]
+        reused = searched.pop((v.name, int(tokens), _round_lr(lr)), None)
+        cached = trials.get(v.name, "test", tokens, lr, seeds[0]) is not None
+        if reused is not None and (keep_runs or not cached):
+            grid = ex.tabulate([reused], test, keep_runs=keep_runs, keep_l0=keep_l0)
+            rows = grid.table.to_dict("records")
+            for row in rows:
+                row.update(variant=v.name, split="test", tokens=int(tokens), lr=lr)
+            trials.add(rows)
+            per_seed.extend(rows)
+            if keep_runs:
+                trained.extend(grid.runs)
+                final_grids.append(grid)
+            rest = list(seeds[1:])
+        else:
+            rest = list(seeds)
+        if rest:
+            rows, (kept, grids) = run(v, [lr], rest, tokens, "test", keep_runs)
+            per_seed.extend(rows)
+            trained.extend(kept)
+            final_grids.extend(grids)
     runs = pd.DataFrame(per_seed)
     metrics = [m for m in REPORTED if m in runs.columns]
     grouped = runs.groupby("variant", sort=False)[metrics]

@@ -497,22 +497,36 @@ def train_grid(
                 )
             bar.update(len(ids))
     bar.close()
+    return tabulate(trained_all, eval_set, keep_runs=keep_runs, keep_l0=keep_l0)
+
+
+def tabulate(
+    trained: list[Trained | None],
+    eval_set: EvalSet | None,
+    *,
+    keep_runs: bool = False,
+    keep_l0: bool = False,
+) -> Grid:
+    """The :class:`Grid` of trained SAEs: each evaluated on ``eval_set`` (a table row, its
+    densities and, with ``keep_l0``, its per-token L0) and its history. The list is consumed
+    (its entries set to None as they are tabulated, so that SAEs not kept are freed early)."""
     rows, hists, dens, l0s, kept = [], [], [], [], []
-    for i in range(len(combos)):
-        trained, trained_all[i] = trained_all[i], None
-        width = combos[i][1]
-        key = trained.key()
-        h = trained.run.history
+    for i in range(len(trained)):
+        one, trained[i] = trained[i], None
+        key = one.key()
+        h = one.run.history
         # history columns that share a name with a setting hold per-step values
         h = h.rename(columns={c: f"{c}_step" for c in h.columns if c in key})
         for name, value in reversed(list(key.items())):
             h.insert(0, name, value)
         hists.append(h)
         if eval_set is not None:
-            row, arrays = evaluate_trained(trained, eval_set)
+            row, arrays = evaluate_trained(one, eval_set)
             rows.append(row)
             dens.append(
-                pd.DataFrame({**key, "feature": np.arange(width), "density": arrays["densities"]})
+                pd.DataFrame(
+                    {**key, "feature": np.arange(one.n_features), "density": arrays["densities"]}
+                )
             )
             if keep_l0:
                 frame = {**key, "token": np.arange(len(arrays["l0"])), "l0": arrays["l0"]}
@@ -525,11 +539,10 @@ def train_grid(
                     frame["difficulty"] = np.asarray(eval_set.difficulty)[:n]
                 l0s.append(pd.DataFrame(frame))
         else:
-            rows.append({**key, "train_seconds": trained.seconds})
+            rows.append({**key, "train_seconds": one.seconds})
         if keep_runs:
-            kept.append(trained)
-        else:
-            del trained
+            kept.append(one)
+        del one
     cat = lambda frames: pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()  # noqa: E731
     return Grid(pd.DataFrame(rows), cat(hists), cat(dens), cat(l0s), kept)
 
@@ -859,6 +872,7 @@ __all__ = [
     "step_time_table",
     "summarise",
     "time_steps",
+    "tabulate",
     "train_grid",
     "train_one",
     "training_data",

@@ -251,10 +251,13 @@ class Trainer:
             return x_hat.x_hat, P, idx, None
         P_grad = sae.pre_acts(x_s)
         P = P_grad.detach()
-        idx = self.rule.select_global(sae, P, self._ws, self.comm)
-        mask = torch.zeros(P.numel(), dtype=torch.bool, device=P.device)
-        mask[idx] = True
-        codes = P_grad.relu() * mask.view(P.shape)
+        mask = idx = self.rule.select_mask(sae, P)
+        if mask is None:
+            idx = self.rule.select_global(sae, P, self._ws, self.comm)
+            mask = torch.zeros(P.numel(), dtype=torch.bool, device=P.device)
+            mask[idx] = True
+            mask = mask.view(P.shape)
+        codes = P_grad.relu() * mask
         return codes @ sae.W_dec + sae.b_dec, P, idx, codes
 
     def _aux(self, e: Tensor, P: Tensor, x_s: Tensor, sae=None) -> Tensor:
@@ -413,11 +416,16 @@ class Trainer:
     @torch.no_grad()
     def _observe(self, P: Tensor, idx: Tensor) -> Tensor:
         """Feature statistics and the rule's observation of this step's affinities and
-        selection (neither reads the parameters); returns the matches (selected, P > 0)."""
+        selection (neither reads the parameters); returns the matches (selected, P > 0): flat
+        indices, or a (B, F) mask where the rule selected by one (``select_mask``)."""
         cfg, tcfg, stats, comm = self.cfg, self.tcfg, self.stats, self.comm
         step, B, F = self.steps_done, tcfg.batch_size, cfg.n_features
-        matched = idx[values_at(P, idx) > 0]
-        counts = torch.bincount(matched % F, minlength=F)
+        if idx.dtype == torch.bool:
+            matched = idx & (P > 0)
+            counts = matched.sum(0)
+        else:
+            matched = idx[values_at(P, idx) > 0]
+            counts = torch.bincount(matched % F, minlength=F)
         stats.update(comm.sum_(counts) if comm.world > 1 else counts, B)
         if comm.world > 1:  # a rule written for one process need not take comm
             self.rule.observe(self.sae, P, idx, stats, step, tcfg, comm=comm)
@@ -434,7 +442,8 @@ class Trainer:
         """The rule's state after the step, resampling, the step count and the history row."""
         cfg, tcfg, stats, comm = self.cfg, self.tcfg, self.stats, self.comm
         step, B, B_l, F = self.steps_done, tcfg.batch_size, self.local_batch_size, cfg.n_features
-        n_matched = matched.numel()
+        is_mask = matched.dtype == torch.bool
+        n_matched = int(matched.sum()) if is_mask else matched.numel()
         if comm.world > 1:
             n_matched = int(comm.sum_(torch.tensor([n_matched], device=matched.device)).item())
         self.rule.after_step(self.rule_state, n_matched, B, cfg, tcfg)
@@ -445,7 +454,10 @@ class Trainer:
         self.steps_done += 1
         if self.steps_done % tcfg.log_every and self.steps_done != tcfg.n_steps:
             return None
-        l0_tok = torch.bincount(matched // F, minlength=B_l).double()
+        if is_mask:
+            l0_tok = matched.sum(1).double()
+        else:
+            l0_tok = torch.bincount(matched // F, minlength=B_l).double()
         sums = torch.stack(
             [
                 loss.detach().double(),

@@ -63,6 +63,13 @@ class AllocationRule:
         """Flat indices b·F + f (ascending, int64) of the matches in the affinities P (B, F)."""
         raise NotImplementedError
 
+    def select_mask(self, sae: SparseAutoencoder, P: Tensor) -> Tensor | None:
+        """Rules with dense codes (``sparse = False``) may give their matches as a boolean
+        (B, F) mask instead of flat indices, when most entries match and indexing them would
+        cost more than the step; ``observe`` then receives the mask as ``idx``. It must be
+        per token (no data-parallel selection is run for it). None: use ``select``."""
+        return None
+
     def select_global(self, sae: SparseAutoencoder, P: Tensor, ws, comm) -> Tensor:
         """Data-parallel selection: this rank's matches of the rule applied to all ranks'
         tokens together (``adaptive_sae.distributed``); P is this rank's (B/W, F) block."""

@@ -25,6 +25,9 @@ class ReluL1(AllocationRule):
     def select(self, sae, P, ws=None) -> Tensor:
         return (P > 0).reshape(-1).nonzero().squeeze(1)
 
+    def select_mask(self, sae, P) -> Tensor:
+        return P > 0  # half the entries early in training: a mask, not their indices
+
     def infer(self, sae, P) -> Tensor:
         return P.relu()
 

@@ -335,3 +335,34 @@ def test_training_equals_training_with_the_oracle_forward(rule, aux, monkeypatch
     # every feature its capacity, and ReLU+L1, dense at the start, do not have)
     if aux.startswith("aux_zipf") or (aux == "aux_k" and rule in ("topk", "mutual_choice")):
         assert (oracle["aux_loss"] > 0).any(), "the auxiliary loss should be active in this test"
+
+
+def test_dense_rule_by_mask_trains_as_by_indices():
+    """ReLU+L1 selects by a mask (``select_mask``); the same rule without it goes through its
+    flat indices (the general path for dense-code rules). Same weights, statistics and history."""
+    from adaptive_sae.rules import register_rule, unregister_rule
+    from adaptive_sae.rules.relu_l1 import ReluL1
+
+    class ByIndices(ReluL1):
+        name = "relu_l1_by_indices"
+
+        def select_mask(self, sae, P):
+            return None
+
+    register_rule(ByIndices())
+    try:
+        g = torch.Generator().manual_seed(5)
+        x = torch.randn(4096, 16, generator=g) @ torch.randn(16, 16, generator=g)
+        runs = {}
+        for rule in ("relu_l1", "relu_l1_by_indices"):
+            cfg = asae.SAEConfig(d_in=16, n_features=64, rule=rule, k=4)
+            tcfg = asae.TrainConfig(batch_size=256, total_tokens=256 * 12, log_every=1)
+            runs[rule] = asae.train(cfg, tcfg, x)
+        a, b = runs["relu_l1"], runs["relu_l1_by_indices"]
+        for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+            assert torch.equal(getattr(a.sae, name), getattr(b.sae, name)), name
+        cols = ["l0_mean", "l0_std", "nmse", "l1_coef", "dead_pct"]
+        pd.testing.assert_frame_equal(a.history[cols], b.history[cols])
+        assert (a.history["l0_mean"] > 0).all()
+    finally:
+        unregister_rule("relu_l1_by_indices")

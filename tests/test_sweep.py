@@ -202,3 +202,29 @@ def test_a_point_resumes_from_the_trials_of_an_interrupted_attempt(tmp_path):
     assert not work.exists()
     # a direct call neither imports nor starts Ray (either would disturb later Ray tests)
     assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+
+
+def test_seed_work_dir_copies_the_committed_trials_only(workdir):
+    """--reuse-trials: the trials/ files of a point's results go to its work folder where
+    missing (the work folder's own are newer and stay), nothing else is copied."""
+    s = sweep.load_sweep(write_sweep(workdir, grid={"x": [1]}, seeds=[0]))
+    (p,) = s.points()
+    res = s.point_results(p)
+    (res / "trials" / "abc").mkdir(parents=True)
+    (res / "trials" / "abc" / "trials.csv").write_text("committed")
+    (res / "trials" / "abc" / "settings.json").write_text("{}")
+    (res / "table.csv").write_text("not a trial")
+    work = sweep.point_work_dir(s, p)
+    rel = res.relative_to(workdir / "results")
+    (work / rel / "trials" / "abc").mkdir(parents=True)
+    (work / rel / "trials" / "abc" / "trials.csv").write_text("newer, in the work folder")
+    try:
+        assert sweep.seed_work_dir(s, p) == 1
+        assert (work / rel / "trials" / "abc" / "settings.json").read_text() == "{}"
+        assert (work / rel / "trials" / "abc" / "trials.csv").read_text().startswith("newer")
+        assert not (work / rel / "table.csv").exists()
+        assert sweep.seed_work_dir(s, p) == 0
+    finally:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)

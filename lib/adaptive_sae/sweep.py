@@ -538,6 +538,26 @@ def point_work_dir(sweep: Sweep, point: Point) -> Path:
     return Path(cache_root()) / "sweep_work" / f"{point.name}-{tag}"
 
 
+def seed_work_dir(sweep: Sweep, point: Point) -> int:
+    """Copy the ``trials/`` files of the point's results (as committed) into its work folder,
+    where they are missing, so that a re-run trains only the trials they lack; returns how
+    many files were copied. The trial caches key trials by data and settings, not by code: use
+    it after a change to a notebook's presentation, not after one to training."""
+    results_root = _results.results_root()
+    work = point_work_dir(sweep, point)
+    copied = 0
+    for src in sorted(sweep.point_results(point).rglob("*")):
+        rel = src.relative_to(results_root)
+        if not src.is_file() or RESUMABLE not in rel.parts:
+            continue
+        dest = work / rel
+        if not dest.exists():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest)
+            copied += 1
+    return copied
+
+
 def _remove_stale_workdirs() -> None:
     """Temporary folders left by workers that were killed (their pid is gone)."""
     for folder in Path(tempfile.gettempdir()).glob(f"{_WORKDIR_PREFIX}*"):
@@ -871,6 +891,7 @@ def run_sweeps(
     force: bool = False,
     progress: bool = True,
     aggregate_after: bool = True,
+    reuse_trials: bool = False,
 ) -> dict[str, list[Outcome]]:
     """Run every point of these sweeps that is not done as a Ray task, write each result as it
     arrives, aggregate each sweep; return the outcomes per sweep name, in grid order.
@@ -878,7 +899,8 @@ def run_sweeps(
     ``address``: a Ray cluster to join (``HOST:PORT``); None starts a local instance with
     ``jobs`` times the largest ``num_cpus`` a point asks for (an already initialised Ray is
     used as it is). ``retries``: runs of a point whose worker or kernel died, beyond the first.
-    Ctrl-C cancels the running points and raises :class:`SweepInterrupted`."""
+    Ctrl-C cancels the running points and raises :class:`SweepInterrupted`. ``reuse_trials``:
+    each point to run starts from the trial caches of its results (:func:`seed_work_dir`)."""
     from tqdm.auto import tqdm
 
     for sweep in sweeps:
@@ -891,6 +913,8 @@ def run_sweeps(
                 outcomes[sweep.name].append(Outcome(p, "skipped"))
             else:
                 todo.append((sweep, p))
+                if reuse_trials:
+                    seed_work_dir(sweep, p)
     total = sum(len(v) for v in outcomes.values()) + len(todo)
     interactive = progress and sys.stderr.isatty()
     bar = tqdm(
@@ -1142,6 +1166,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--shard", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--force", action="store_true", help="rerun points already done")
+    parser.add_argument(
+        "--reuse-trials",
+        action="store_true",
+        help="start each point from the trials/ caches of its results (after a change to a "
+        "notebook's presentation; not after one to training)",
+    )
     parser.add_argument("--list", action="store_true", help="list the points and their state")
     parser.add_argument("--aggregate-only", action="store_true", help="only rebuild the tables")
     parser.add_argument("--results-root", default=None, help="results folder (default: results/)")
@@ -1194,6 +1224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             retries=args.retries,
             force=args.force,
             progress=not args.no_progress,
+            reuse_trials=args.reuse_trials,
         )
     except SweepError as exc:
         print(f"error: {exc}", file=sys.stderr)

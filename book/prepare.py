@@ -588,7 +588,8 @@ def write_verdicts(
 # --- the convergence chapter ------------------------------------------------------------------
 
 CONVERGENCE_SWEEP = "convergence/convergence"
-"""The points of the convergence sweep (notebook 09), relative to ``results/``."""
+"""The points of the convergence sweep (notebook 09), relative to ``results/``; sweeps of the
+same experiment named ``convergence_<variant>`` (e.g. a longer cap) join it."""
 
 
 SETTINGS = ("k", "input_scaling", "aux_loss", "n_features")
@@ -648,8 +649,12 @@ def convergence_point(point: Path) -> str:
             f"doubling still moved a rule's NMSE by {change:.1%}"
         )
     bracketed = bool(table["bracketed"].astype(bool).all())
+    sweep = point.parent.name
+    label = point_parameters(point.name)
+    if sweep != Path(CONVERGENCE_SWEEP).name:
+        label = f"{sweep}: {label}"
     lines = [
-        f"**{point_parameters(point.name)}.** Final budget {tokens:,} training tokens per SAE "
+        f"**{label}.** Final budget {tokens:,} training tokens per SAE "
         f"({epochs:g} epoch{'' if epochs == 1 else 's'} of its training tokens), {status}; "
         f"learning rates "
         f"{'bracketed for every rule' if bracketed else 'NOT bracketed for every rule'}; "
@@ -729,9 +734,11 @@ def limits_text(curve: pd.DataFrame) -> str:
 
 
 def convergence_page(results: Path) -> str:
-    """Every source of the convergence sweep (``results/convergence/convergence/<point>``)."""
+    """Every source of the convergence sweep (``results/convergence/convergence/<point>``),
+    then those of its variants (``results/convergence/convergence_<variant>/<point>``)."""
     sweep = results / CONVERGENCE_SWEEP
-    points = sorted(p for p in sweep.glob("*") if (p / "table.csv").is_file())
+    sweeps = [sweep, *sorted(sweep.parent.glob(f"{sweep.name}_*"))]
+    points = [p for s in sweeps for p in sorted(s.glob("*")) if (p / "table.csv").is_file()]
     if not points:
         raise PrepareError(
             f"{sweep}: no point with a table.csv; the convergence chapter is drawn from them; "

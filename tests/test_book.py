@@ -532,6 +532,18 @@ def test_convergence_page_fits_where_the_curves_are_heading(tmp_path):
     assert "-33.3% ± 0.0% (below TopK) |" in page
 
 
+def test_convergence_page_adds_the_variant_sweeps_after_the_main_one(tmp_path):
+    import shutil
+
+    point = _convergence_point(tmp_path, False)
+    longer = point.parent.parent / "convergence_long" / point.name
+    shutil.copytree(point, longer)
+    page = prepare.convergence_page(tmp_path)
+    first = page.index("**source=synthetic, seeds=0-1.** Final budget")
+    second = page.index("**convergence_long: source=synthetic, seeds=0-1.** Final budget")
+    assert first < second
+
+
 def test_convergence_page_names_a_missing_table(tmp_path):
     with pytest.raises(prepare.PrepareError, match="no point with a table.csv"):
         prepare.convergence_page(tmp_path)

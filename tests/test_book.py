@@ -32,6 +32,10 @@ POINTS = {
         {"k=4__seeds=0-1-2": {"k": 4}},
         {"k=8__seeds=0-1-2": {"k": 8}},
     ),
+    "allocation_mechanisms_tiny": (  # a variant sweep's pages join its experiment's chapter
+        "01_allocation_mechanisms",
+        {"source=tiny__k=8__seeds=0-1-2": {"k": 8, "source": "tiny"}},
+    ),
 }
 SUMMARY = ROOT / "results" / "sparsity_allocation" / "sparsity_allocation" / "summary.csv"
 WIDE_TABLE = pd.read_csv(SUMMARY).to_html()  # 20 columns, as a notebook displays a DataFrame
@@ -131,6 +135,13 @@ def test_navigation_lists_no_title_twice(html):
     assert "Sparsity allocation — input_scaling=global, seeds=0-1-2" in labels
 
 
+def test_variant_sweeps_pages_are_sections_of_their_chapter(html):
+    page = html / "book" / "chapters" / "allocation_mechanisms.html"
+    labels = [a.get_text(" ", strip=True) for a in _soup(page).select("nav.bd-docs-nav a")]
+    assert "Allocation mechanisms — k=8, seeds=0-1-2" in labels
+    assert "Allocation mechanisms — source=tiny, k=8, seeds=0-1-2" in labels
+
+
 @pytest.mark.parametrize("chapter", CHAPTERS)
 def test_chapter_leads_with_verdict_then_figure(html, chapter):
     page = html / "book" / "chapters" / f"{chapter}.html"
@@ -158,7 +169,8 @@ def test_every_table_sits_in_a_scrolling_container(html):
     scroll = _scroll_classes()
     assert {"pst-scrollable-table-container", "output"} <= scroll
     pages = sorted((html / "book").rglob("*.html"))
-    assert len(pages) == len(CHAPTERS) + 1 + 4  # chapters, introduction, run pages
+    runs = sum(len(points) for _, *points in POINTS.values())
+    assert len(pages) == len(CHAPTERS) + 1 + runs  # chapters, introduction, run pages
     n_tables = 0
     for page in pages:
         soup = _soup(page)

@@ -337,11 +337,16 @@ def test_training_equals_training_with_the_oracle_forward(rule, aux, monkeypatch
         assert (oracle["aux_loss"] > 0).any(), "the auxiliary loss should be active in this test"
 
 
-def test_dense_rule_by_mask_trains_as_by_indices():
-    """ReLU+L1 selects by a mask (``select_mask``); the same rule without it goes through its
-    flat indices (the general path for dense-code rules). Same weights, statistics and history."""
+@pytest.mark.parametrize("share", [1, 10**9])  # the mask's indices / the mask itself
+def test_dense_rule_by_mask_trains_as_by_indices(share, monkeypatch):
+    """ReLU+L1 selects by a mask (``select_mask``), which stands for its matches while they are
+    many, else its indices do; the same rule without it goes through ``select``'s flat indices
+    (the general path for dense-code rules). Same weights, statistics and history."""
+    from adaptive_sae import trainer
     from adaptive_sae.rules import register_rule, unregister_rule
     from adaptive_sae.rules.relu_l1 import ReluL1
+
+    monkeypatch.setattr(trainer, "DENSE_MASK_SHARE", share)
 
     class ByIndices(ReluL1):
         name = "relu_l1_by_indices"

@@ -104,6 +104,11 @@ def batch_stream(data: Any, batch_size: int, d_in: int, seed: int, start: int = 
     )
 
 
+DENSE_MASK_SHARE = 8
+"""A dense-code rule's mask (``select_mask``) stands for its matches while more than one entry
+in DENSE_MASK_SHARE is selected; below, its flat indices do (cheaper to count and gather)."""
+
+
 def _checked(batch: Any, step: int, B: int, d: int) -> Tensor:
     if isinstance(batch, np.ndarray):
         batch = torch.from_numpy(batch)
@@ -251,12 +256,16 @@ class Trainer:
             return x_hat.x_hat, P, idx, None
         P_grad = sae.pre_acts(x_s)
         P = P_grad.detach()
-        mask = idx = self.rule.select_mask(sae, P)
+        mask = self.rule.select_mask(sae, P)
         if mask is None:
             idx = self.rule.select_global(sae, P, self._ws, self.comm)
             mask = torch.zeros(P.numel(), dtype=torch.bool, device=P.device)
             mask[idx] = True
             mask = mask.view(P.shape)
+        elif int(mask.count_nonzero()) * DENSE_MASK_SHARE > mask.numel():
+            idx = mask  # most entries match (early in training): statistics read the mask
+        else:  # few match: their indices cost less than passes over the mask
+            idx = mask.reshape(-1).nonzero().squeeze(1)
         codes = P_grad.relu() * mask
         return codes @ sae.W_dec + sae.b_dec, P, idx, codes
 
@@ -443,7 +452,7 @@ class Trainer:
         cfg, tcfg, stats, comm = self.cfg, self.tcfg, self.stats, self.comm
         step, B, B_l, F = self.steps_done, tcfg.batch_size, self.local_batch_size, cfg.n_features
         is_mask = matched.dtype == torch.bool
-        n_matched = int(matched.sum()) if is_mask else matched.numel()
+        n_matched = int(matched.count_nonzero()) if is_mask else matched.numel()
         if comm.world > 1:
             n_matched = int(comm.sum_(torch.tensor([n_matched], device=matched.device)).item())
         self.rule.after_step(self.rule_state, n_matched, B, cfg, tcfg)

@@ -228,3 +228,31 @@ def test_seed_work_dir_copies_the_committed_trials_only(workdir):
         import shutil
 
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_aggregation_names_metrics_no_point_measured(workdir):
+    """A metric the sweep file asks for that no done point's table has (ground-truth recovery
+    on a language model) is left out and named in summary.md, not a failure of the sweep."""
+    import json
+
+    s = sweep.load_sweep(
+        write_sweep(
+            workdir,
+            grid={"x": [1]},
+            seeds=[0],
+            aggregate={"metrics": ["value", "mean_max_cosine"]},
+        )  # fmt: skip
+    )
+    (p,) = s.points()
+    res = s.point_results(p)
+    res.mkdir(parents=True)
+    (res / "metrics.json").write_text(json.dumps({"value": 3.0}))
+    s.notebook_output(p).parent.mkdir(parents=True, exist_ok=True)
+    s.notebook_output(p).write_text("{}")
+    s.done_marker(p).write_text(json.dumps({"fingerprint": p.fingerprint(s.notebook)}))
+    path = sweep.aggregate(s)
+    summary = pd.read_csv(path)
+    assert summary["value_mean"].tolist() == [3.0]
+    assert not any(c.startswith("mean_max_cosine") for c in summary.columns)
+    text = (path.parent / "summary.md").read_text()
+    assert "Not measured on these points: mean_max_cosine." in text

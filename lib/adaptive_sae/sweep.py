@@ -1106,12 +1106,17 @@ def aggregate(sweep: Sweep) -> Path | None:
     ]
     by = [*grid_keys, *sweep.aggregate.get("by", [])]
     metrics = sweep.aggregate.get("metrics")
-    summary = _results.mean_std(rows, by, metrics, seed_col="seed")
+    absent = [m for m in metrics or () if m not in rows.columns]
+    if metrics:  # e.g. ground-truth recovery, which a language-model source does not measure
+        metrics = [m for m in metrics if m in rows.columns]
+    summary = _results.mean_std(rows, by, metrics or None, seed_col="seed")
     drop = {"point"}
     summary = summary[[c for c in summary.columns if c not in drop]]
     _results.write_csv(out / "points.csv", rows)
     path = _results.write_csv(out / "summary.csv", summary)
     title = f"# {sweep.name}: mean ± std across seeds\n\n"
+    if absent:
+        title += f"Not measured on these points: {', '.join(absent)}.\n\n"
     _results.atomic_write_text(
         out / "summary.md",
         title + _results.summary_markdown(summary, [c for c in by if c in summary.columns]),

@@ -121,3 +121,23 @@ def test_fitted_curve_passes_through_the_data():
     row = ex.limits(curve).iloc[0]
     got = ex.fitted_curve(row, BUDGETS[-6:])
     np.testing.assert_allclose(got, law(0.15, 0.05, 0.5, BUDGETS[-6:]), rtol=1e-4)
+
+
+def test_jackknife_widens_the_error_of_a_curve_with_a_plateau():
+    """A measured curve (Mutual Choice, synthetic source, 2^19-2^24 tokens) that flattens and
+    drops again: leaving one budget out moves the limit more than the fit's covariance says, and
+    the reported error is the larger (jackknife) one. On an exact power law the jackknife adds
+    nothing."""
+    tokens = [2**19 * 2**i for i in range(6)]
+    nmse = [0.225574, 0.198813, 0.190931, 0.184094, 0.182155, 0.178713]
+    fit = ex.fit_limit(tokens, nmse)
+    assert fit["limit_se_jackknife"] > 2 * fit["limit_se_fit"]
+    assert fit["limit_se"] == fit["limit_se_jackknife"]
+    exact = ex.fit_limit(BUDGETS, law(0.1, 0.1, 0.7, BUDGETS))
+    assert exact["limit_se_jackknife"] < 1e-5 and exact["limit_se"] < 1e-5
+
+
+def test_jackknife_needs_one_budget_to_spare():
+    fit = ex.fit_limit(BUDGETS[:5], law(0.1, 0.1, 0.7, BUDGETS[:5], last=BUDGETS[4]))
+    assert fit["fit_ok"] and math.isnan(fit["limit_se_jackknife"])
+    assert fit["limit_se"] == fit["limit_se_fit"]

@@ -9,7 +9,10 @@ is heading. Over the last ``window`` budgets it is fitted by a power law with a 
 
 the form of the data term of language-model scaling laws (Kaplan et al. 2020, Hoffmann et al.
 2022). The fit gives each rule's limit with its standard error, the exponent, and the budget at
-which one doubling would move NMSE by no more than ``tolerance``. A verdict whose margin at the
+which one doubling would move NMSE by no more than ``tolerance``. The standard error is the
+larger of the fit's own (from its covariance) and a jackknife over the budgets (the spread of
+the limit when each budget in turn is left out): a curve with a plateau or a late drop, where the
+power law fits less well than its residuals suggest, moves the limit when one budget goes. A verdict whose margin at the
 limits exceeds ``z`` standard errors is likely to survive longer training; one inside them is
 not settled by the runs. The curve is the search seed's validation NMSE (one seed), so these
 are estimates, reported beside the measured table and never in place of it.
@@ -50,10 +53,10 @@ def tokens_to_tolerance(limit: float, b: float, c: float, last_tokens: int, tole
 
 def fit_limit(tokens: Sequence[float], nmse: Sequence[float], tolerance: float = 0.01) -> dict:
     """Fit ``NMSE(T) = limit + b·(T/T_last)^(−c)`` to one rule's budget curve (at least
-    :data:`MIN_BUDGETS` budgets); returns limit, limit_se, b, exponent, exponent_se, rmse and tokens_to_tolerance
-    (``fit_ok`` False, with ``why``, when the curve is too short or the fit fails)."""
-    from scipy.optimize import curve_fit
-
+    :data:`MIN_BUDGETS` budgets); returns limit, limit_se (the larger of limit_se_fit, from
+    the fit's covariance, and limit_se_jackknife, over budgets), b, exponent, exponent_se, rmse
+    and tokens_to_tolerance (``fit_ok`` False, with ``why``, when the curve is too short or the
+    fit fails)."""
     T = np.asarray(tokens, dtype=float)
     y = np.asarray(nmse, dtype=float)
     order = np.argsort(T)
@@ -61,7 +64,8 @@ def fit_limit(tokens: Sequence[float], nmse: Sequence[float], tolerance: float =
     keep = np.isfinite(y) & (T > 0)
     T, y = T[keep], y[keep]
     empty = dict(
-        limit=float("nan"), limit_se=float("nan"), b=float("nan"), exponent=float("nan"),
+        limit=float("nan"), limit_se=float("nan"), limit_se_fit=float("nan"),
+        limit_se_jackknife=float("nan"), b=float("nan"), exponent=float("nan"),
         exponent_se=float("nan"), rmse=float("nan"), tokens_to_tolerance=float("nan"),
     )  # fmt: skip
     if len(T) < MIN_BUDGETS:
@@ -70,25 +74,19 @@ def fit_limit(tokens: Sequence[float], nmse: Sequence[float], tolerance: float =
             "fit_ok": False,
             "why": f"{len(T)} finite budgets; the fit needs {MIN_BUDGETS}",
         }
-    x = T / T[-1]
-    p0 = [0.9 * y[-1], max(y[0] - 0.9 * y[-1], 1e-6) * x[0] ** 0.5, 0.5]
     try:
-        p, cov = curve_fit(
-            _model,
-            x,
-            y,
-            p0=p0,
-            bounds=([0.0, 0.0, 0.05], [float(y.max()), np.inf, 4.0]),
-            maxfev=20_000,
-        )
+        p, cov = _fit(T, y)
     except (RuntimeError, ValueError) as err:
         return {**empty, "fit_ok": False, "why": f"the fit failed: {err}"}
     se = np.sqrt(np.clip(np.diag(cov), 0, None)) if np.all(np.isfinite(cov)) else [np.nan] * 3
     limit, b, c = (float(v) for v in p)
-    resid = y - _model(x, *p)
+    resid = y - _model(T / T[-1], *p)
+    jack = _jackknife_limit_se(T, y)
     return dict(
         limit=limit,
-        limit_se=float(se[0]),
+        limit_se=float(np.nanmax([se[0], jack])) if np.isfinite([se[0], jack]).any() else jack,
+        limit_se_fit=float(se[0]),
+        limit_se_jackknife=jack,
         b=b,
         exponent=c,
         exponent_se=float(se[2]),
@@ -97,6 +95,39 @@ def fit_limit(tokens: Sequence[float], nmse: Sequence[float], tolerance: float =
         fit_ok=True,
         why="",
     )
+
+
+def _fit(T: np.ndarray, y: np.ndarray):
+    """(parameters, covariance) of the power law with a floor, at x = T / T[-1]."""
+    from scipy.optimize import curve_fit
+
+    x = T / T[-1]
+    p0 = [0.9 * y[-1], max(y[0] - 0.9 * y[-1], 1e-6) * x[0] ** 0.5, 0.5]
+    return curve_fit(
+        _model,
+        x,
+        y,
+        p0=p0,
+        bounds=([0.0, 0.0, 0.05], [float(y.max()), np.inf, 4.0]),
+        maxfev=20_000,
+    )
+
+
+def _jackknife_limit_se(T: np.ndarray, y: np.ndarray) -> float:
+    """The jackknife standard error of the limit over budgets (each left out in turn); NaN
+    when leaving one out leaves fewer than :data:`MIN_BUDGETS` or a fit fails."""
+    n = len(T)
+    if n - 1 < MIN_BUDGETS:
+        return float("nan")
+    values = []
+    for i in range(n):
+        keep = np.arange(n) != i
+        try:
+            values.append(float(_fit(T[keep], y[keep])[0][0]))
+        except (RuntimeError, ValueError):
+            return float("nan")
+    v = np.asarray(values)
+    return float(np.sqrt((n - 1) / n * ((v - v.mean()) ** 2).sum()))
 
 
 def limits(

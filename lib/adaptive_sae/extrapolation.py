@@ -110,6 +110,10 @@ def _fit(T: np.ndarray, y: np.ndarray):
         p0=p0,
         bounds=([0.0, 0.0, 0.05], [float(y.max()), np.inf, 4.0]),
         maxfev=20_000,
+        # tight: where the decay over the budgets is small, the default tolerances stop early
+        ftol=1e-14,
+        xtol=1e-14,
+        gtol=1e-14,
     )
 
 

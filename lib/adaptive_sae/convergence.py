@@ -264,6 +264,15 @@ def converge(
         ]
         for lr in dict.fromkeys(lr for lr, _ in todo):
             s_todo = [s for lr2, s in todo if lr2 == lr]
+            done: list[ex.Grid] = []
+            key = (variant.name, int(tokens), _round_lr(lr))
+            reused = searched.pop(key, None) if split == "test" else None
+            if reused is not None and reused.seed in s_todo:  # trained while bracketing
+                s_todo.remove(reused.seed)
+                done.append(
+                    ex.tabulate([reused], eval_set, keep_runs=keep, keep_l0=keep and keep_l0)
+                )
+            table: list[dict[str, Any]] = []
             kwargs = dict(
                 variants=[variant],
                 seeds=s_todo,
@@ -286,17 +295,19 @@ def converge(
             if resample_every_tokens:
                 kwargs["resample_every_tokens"] = resample_every_tokens
             try:
-                grid = fit(data, **kwargs)
-                table = grid.table.to_dict("records")
-                if split == "val":
-                    for tr in getattr(grid, "runs", []):
-                        searched[(variant.name, int(tokens), _round_lr(lr))] = tr
-                if keep:
-                    kept.extend(getattr(grid, "runs", []))
-                    grids.append(grid)
+                if s_todo:
+                    done.append(fit(data, **kwargs))
             except FloatingPointError as err:  # NonFiniteError: diverged
                 say(f"{variant.name} lr={lr:g}: diverged ({str(err).splitlines()[0]})")
                 table = [{"seed": s, "nmse": math.inf, "diverged": True} for s in s_todo]
+            for grid in done:
+                table.extend(grid.table.to_dict("records"))
+                if split == "val":
+                    for tr in getattr(grid, "runs", []):
+                        searched[key] = tr
+                if keep:
+                    kept.extend(getattr(grid, "runs", []))
+                    grids.append(grid)
             for row in table:
                 row.update(variant=variant.name, split=split, tokens=int(tokens), lr=lr)
             rows.extend(table)
@@ -388,27 +399,12 @@ def converge(
     per_seed, trained, final_grids = [], [], []
     final = curve[curve["tokens"] == tokens].set_index("rule")
     for v in variants:
-        lr = final.loc[v.name, "lr"]
-        reused = searched.pop((v.name, int(tokens), _round_lr(lr)), None)
-        cached = trials.get(v.name, "test", tokens, lr, seeds[0]) is not None
-        if reused is not None and (keep_runs or not cached):
-            grid = ex.tabulate([reused], test, keep_runs=keep_runs, keep_l0=keep_l0)
-            rows = grid.table.to_dict("records")
-            for row in rows:
-                row.update(variant=v.name, split="test", tokens=int(tokens), lr=lr)
-            trials.add(rows)
-            per_seed.extend(rows)
-            if keep_runs:
-                trained.extend(grid.runs)
-                final_grids.append(grid)
-            rest = list(seeds[1:])
-        else:
-            rest = list(seeds)
-        if rest:
-            rows, (kept, grids) = run(v, [lr], rest, tokens, "test", keep_runs)
-            per_seed.extend(rows)
-            trained.extend(kept)
-            final_grids.extend(grids)
+        rows, (kept, grids) = run(
+            v, [final.loc[v.name, "lr"]], list(seeds), tokens, "test", keep_runs
+        )
+        per_seed.extend(rows)
+        trained.extend(kept)
+        final_grids.extend(grids)
     runs = pd.DataFrame(per_seed)
     metrics = [m for m in REPORTED if m in runs.columns]
     grouped = runs.groupby("variant", sort=False)[metrics]
@@ -433,16 +429,10 @@ def converge(
     return Convergence(table, curve, trials_table, runs, trained, final_grid)
 
 
-def concat_frames(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
-    """The non-empty frames, concatenated (an empty frame if none)."""
-    frames = [f for f in frames if len(f)]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-
-
 def concat_grids(grids: Sequence[ex.Grid]) -> ex.Grid:
     """One :class:`experiments.Grid` holding the rows and SAEs of several."""
     names = ("table", "histories", "densities", "l0")
-    tables = [concat_frames([getattr(g, n) for g in grids]) for n in names]
+    tables = [ex.concat_frames([getattr(g, n) for g in grids]) for n in names]
     return ex.Grid(*tables, [r for g in grids for r in g.runs])
 
 

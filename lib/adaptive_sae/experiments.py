@@ -543,8 +543,15 @@ def tabulate(
         if keep_runs:
             kept.append(one)
         del one
-    cat = lambda frames: pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()  # noqa: E731
-    return Grid(pd.DataFrame(rows), cat(hists), cat(dens), cat(l0s), kept)
+    return Grid(
+        pd.DataFrame(rows), concat_frames(hists), concat_frames(dens), concat_frames(l0s), kept
+    )
+
+
+def concat_frames(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """The non-empty frames, concatenated (an empty frame if none)."""
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def best_lr(
@@ -863,6 +870,7 @@ __all__ = [
     "best_lr",
     "checkpoint_curve",
     "collect_tokens",
+    "concat_frames",
     "concentration",
     "demo_affinities",
     "difficulty_correlations",

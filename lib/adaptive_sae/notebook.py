@@ -187,7 +187,7 @@ def converge(
         )
 
     def tagged(name: str) -> pd.DataFrame:  # each setting's table, with the setting as columns
-        return convergence.concat_frames(
+        return ex.concat_frames(
             [getattr(c, name).assign(**dict(zip(over, v))) for v, c in out.items()]
         )
 

@@ -4,6 +4,7 @@
     python bench/bench_small.py --rules topk --B 1024 --json out.json
     python bench/bench_small.py --main                  # d=512 F=8192 k=32 B=4096, 2 threads
     python bench/bench_small.py --floor                 # + the primitives a step is made of
+    python bench/bench_small.py --kernels both          # per-row top-k: kernel and torch.topk
 
 The step time is that of the whole public ``train`` (statistics, thresholds, history included):
 two runs of different lengths on the same in-memory tensor, their wall-time difference divided
@@ -24,6 +25,7 @@ import time
 
 import adaptive_sae as asae
 import torch
+from adaptive_sae import selection_kernels
 
 RULES = ["topk", "mutual_choice", "feature_choice", "feature_choice_zipf", "relu_l1"]
 
@@ -67,7 +69,10 @@ def floor_rows(B: int, d: int, F: int, k: int) -> list[dict]:
         "dense product X·W_enc (the unit)": lambda: torch.mm(x, W),
         "one elementwise pass over P (ReLU)": lambda: P.relu(),
         "row maxima of P (amax)": lambda: P.amax(1),
-        f"per-token top-{k} (torch.topk; TopK's selection)": lambda: P.topk(k, 1, sorted=False),
+        f"per-token top-{k} (torch.topk)": lambda: P.topk(k, 1, sorted=False),
+        f"per-token top-{k}, columns ascending (selection_kernels; TopK's selection)": lambda: (
+            selection_kernels.row_topk_columns(P, k)
+        ),
         "P >= t and its nonzero (Mutual Choice's candidates)": lambda: (P >= t).nonzero(),
         f"per-feature top-{m} over tokens (Feature Choice, P transposed)": lambda: PT.topk(
             m, 1, sorted=False
@@ -115,6 +120,12 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--main", action="store_true", help="d=512 F=8192 k=32 B=4096, 2 threads")
     p.add_argument("--floor", action="store_true", help="also time each primitive of a step")
+    p.add_argument(
+        "--kernels",
+        default="on",
+        choices=["on", "off", "both"],
+        help="per-row top-k by the compiled kernel, by torch.topk, or both side by side",
+    )
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     if a.main:
@@ -122,6 +133,8 @@ def main(argv=None) -> int:
         a.short, a.long = min(a.short, 3), min(a.long, 8)
         a.rules = [r for r in a.rules if r in ("topk", "mutual_choice", "feature_choice")]
     torch.set_num_threads(a.threads)
+    modes = {"on": [True], "off": [False], "both": [False, True]}[a.kernels]
+    variants = [(rule, on) for rule in a.rules for on in modes]
     rows = []
     for B in a.B:
         g = torch.Generator().manual_seed(0)
@@ -131,23 +144,25 @@ def main(argv=None) -> int:
         long: dict[str, float] = {}
         mm = float("inf")
         for _ in range(a.repeats):  # best short and best long run of each rule, differenced
-            for rule in a.rules:
+            for v in variants:
+                selection_kernels.use_kernels = v[1]
                 mm = min(mm, dense_ms(B, a.d, a.F))
-                s = train_seconds(rule, a.d, a.F, a.k, B, a.short, data, a.aux)
-                t = train_seconds(rule, a.d, a.F, a.k, B, a.long, data, a.aux)
-                short[rule] = min(short.get(rule, float("inf")), s)
-                long[rule] = min(long.get(rule, float("inf")), t)
-        best = {r: 1e3 * (long[r] - short[r]) / (a.long - a.short) for r in a.rules}
-        for rule in a.rules:
+                s = train_seconds(v[0], a.d, a.F, a.k, B, a.short, data, a.aux)
+                t = train_seconds(v[0], a.d, a.F, a.k, B, a.long, data, a.aux)
+                short[v] = min(short.get(v, float("inf")), s)
+                long[v] = min(long.get(v, float("inf")), t)
+        best = {v: 1e3 * (long[v] - short[v]) / (a.long - a.short) for v in variants}
+        for v in variants:
             rows.append(
                 {
                     "B": B,
-                    "rule": rule,
+                    "rule": v[0] + ("" if a.kernels != "both" else " (kernel)" if v[1] else ""),
                     "aux": a.aux,
-                    "step_ms": best[rule],
-                    "tokens_per_s": B / best[rule] * 1e3,
+                    "top_k": "kernel" if v[1] else "torch.topk",
+                    "step_ms": best[v],
+                    "tokens_per_s": B / best[v] * 1e3,
                     "dense_ms": mm,
-                    "x_dense": best[rule] / mm,
+                    "x_dense": best[v] / mm,
                 }
             )
     print(f"# {machine()}; d={a.d} F={a.F} k={a.k} aux={a.aux}, whole train by differencing")
@@ -159,6 +174,7 @@ def main(argv=None) -> int:
             f"| {r['B']} | {r['rule']} | {r['step_ms']:.2f} | {r['tokens_per_s']:,.0f} | "
             f"{r['dense_ms']:.3f} | {r['x_dense']:.1f} |"
         )
+    selection_kernels.use_kernels = True
     floor = [r for B in a.B for r in floor_rows(B, a.d, a.F, a.k)] if a.floor else []
     if floor:
         print("\n| B | primitive (alone, best of 30) | ms | × dense |\n|---|---|---:|---:|")

@@ -3,6 +3,7 @@
     python bench/bench_step.py                      # main configuration, CPU
     python bench/bench_step.py --suite all --device cuda
     python bench/bench_step.py --suite small --json results.json
+    python bench/bench_step.py --suite gpt2 --device cuda [--bf16]   # d=768 F=24576 k=32 B=4096
 
 Each row runs in its own process (so peak memory is that row's alone) and times the real
 training step (``adaptive_sae.Trainer.step``: forward, losses, backward, decoder
@@ -38,6 +39,8 @@ CONFIGS = {
     "main": [dict(d=512, F=8192, k=32, B=4096)],
     "small": [dict(d=128, F=2048, k=16, B=4096)],
     "sweep": [dict(d=512, F=2**e, k=32, B=4096) for e in range(11, 16)],
+    # GPT-2 small's width at 32x expansion: the GPU target of issue 9 (fp32 and --bf16)
+    "gpt2": [dict(d=768, F=24576, k=32, B=4096)],
 }
 # (impl, rule, aux) rows per suite
 ROWS_MAIN = [
@@ -374,7 +377,7 @@ def _label(impl: str, rule: str, aux: str) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--suite", choices=["main", "small", "sweep", "all"], default="main")
+    p.add_argument("--suite", choices=["main", "small", "sweep", "gpt2", "all"], default="main")
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=20, help="measured steps per row (median)")
     p.add_argument("--warmup", type=int, default=3)

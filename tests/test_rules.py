@@ -4,13 +4,14 @@ rules, and a rule registered from this file."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import adaptive_sae as asae
 import oracles
 import pytest
 import torch
-from adaptive_sae import sparse_ops
+from adaptive_sae import selection_kernels, sparse_ops
 from adaptive_sae.config import ConfigError
 from adaptive_sae.rules import (
     AllocationRule,
@@ -155,8 +156,11 @@ def test_unknown_rule_fails_at_config_time_listing_the_known_rules():
 # ----- the fast selections against the oracles ----------------------------------------------------
 
 
+@pytest.mark.parametrize("kernels", [True, False])
 @pytest.mark.parametrize("B,F,k", [(16, 32, 1), (50, 37, 5), (8, 8, 8), (1024, 512, 16)])
-def test_topk_matches_oracle(B, F, k):
+def test_topk_matches_oracle(B, F, k, kernels, monkeypatch):
+    """Through the compiled kernel and through torch.topk (``selection_kernels``)."""
+    monkeypatch.setattr(selection_kernels, "use_kernels", kernels)
     P = torch.randn(B, F, generator=torch.Generator().manual_seed(B))
     idx = select("topk", sae_for("topk", F, k), P)
     assert idx.numel() == B * k
@@ -229,8 +233,11 @@ def capacities(kind, F, B, seed=0):
 
 @pytest.mark.parametrize("layout", ["token_major", "feature_major"])
 @pytest.mark.parametrize("kind", ["uniform", "zipf", "zipf_shuffled", "tiny"])
-def test_feature_choice_bucket_path_matches_oracle(kind, layout):
-    """Small P or feature-major P: one topk per bucket of similar capacities (``_fc_topk``)."""
+@pytest.mark.parametrize("kernels", [True, False])
+def test_feature_choice_bucket_path_matches_oracle(kind, layout, kernels, monkeypatch):
+    """Small P or feature-major P: one topk per bucket of similar capacities (``_fc_topk``);
+    a small token-major P on the CPU: the compiled kernel, where it is on."""
+    monkeypatch.setattr(selection_kernels, "use_kernels", kernels)
     B, F = 64, 96
     P = torch.randn(B, F, generator=torch.Generator().manual_seed(1))
     if layout == "feature_major":
@@ -248,6 +255,7 @@ def test_feature_choice_threshold_path_forced(kind, misleading, monkeypatch):
     """The candidate path (``_fc_threshold``) forced on a small P: exact, also when the sampled
     tokens mislead the thresholds (those columns fall back to an exact topk)."""
     B, F = 300, 64
+    monkeypatch.setattr(selection_kernels, "use_kernels", False)
     monkeypatch.setattr(feature_choice, "_FC_SMALL", 0)
     monkeypatch.setattr(feature_choice, "_FC_SAMPLE_ROWS", (60, 60))
     monkeypatch.setattr(sparse_ops, "_MASK_BLOCK", 1000)  # several blocks of the threshold pass
@@ -279,7 +287,8 @@ def spy(monkeypatch, module, name):
 @pytest.mark.parametrize("rule", ["feature_choice", "feature_choice_zipf"])
 def test_feature_choice_threshold_path_at_scale(rule, monkeypatch):
     """B·F = 1024·1280 > 2^20, token-major on the CPU: the real ``_fc_threshold`` path, through
-    the registry with the rule's own capacities."""
+    the registry with the rule's own capacities (the compiled kernel turned off)."""
+    monkeypatch.setattr(selection_kernels, "use_kernels", False)
     B, F = 1024, 1280
     assert B * F > feature_choice._FC_SMALL
     sae = sae_for(rule, F, k=8.0)
@@ -309,17 +318,28 @@ def test_capacity_buckets_are_log_many_runs():
 matrices = st.tuples(st.integers(1, 12), st.integers(1, 12), st.integers(0, 2**31 - 1))
 
 
+@contextlib.contextmanager
+def kernels_set(on: bool):
+    """The compiled selection kernels on or off (torch's paths) inside the block."""
+    before, selection_kernels.use_kernels = selection_kernels.use_kernels, on
+    try:
+        yield
+    finally:
+        selection_kernels.use_kernels = before
+
+
 def _rand(B: int, F: int, seed: int) -> torch.Tensor:
     return torch.randn(B, F, generator=torch.Generator().manual_seed(seed))
 
 
 @settings(max_examples=60)
-@given(matrices, st.data())
-def test_topk_property(shape, data):
+@given(matrices, st.data(), st.booleans())
+def test_topk_property(shape, data, kernels):
     B, F, seed = shape
     k = data.draw(st.integers(1, F))
     p = _rand(B, F, seed)
-    idx = select("topk", sae_for("topk", F, k), p)
+    with kernels_set(kernels):
+        idx = select("topk", sae_for("topk", F, k), p)
     assert as_set(idx) == as_set(oracles.topk_indices(p, k))
     z = codes_at(p, idx)
     assert torch.equal((z > 0).sum(1), torch.clamp((p > 0).sum(1), max=k))
@@ -340,12 +360,13 @@ def test_mutual_choice_property(shape, data):
 
 
 @settings(max_examples=60)
-@given(matrices, st.data())
-def test_feature_choice_property(shape, data):
+@given(matrices, st.data(), st.booleans())
+def test_feature_choice_property(shape, data, kernels):
     B, F, seed = shape
     caps = torch.tensor(data.draw(st.lists(st.integers(0, B), min_size=F, max_size=F)))
     p = _rand(B, F, seed)
-    idx = select_feature_choice(p, caps)
+    with kernels_set(kernels):
+        idx = select_feature_choice(p, caps)
     assert as_set(idx) == as_set(oracles.column_topk_indices(p, caps))
     assert torch.equal(torch.bincount(idx % F, minlength=F), caps)
 

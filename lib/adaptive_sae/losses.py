@@ -20,6 +20,7 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor
 
+from .selection_kernels import row_topk_columns
 from .rules.feature_choice import select_feature_choice
 from .sparse_ops import DENSE_SUBSET_DENSITY, sparse_reconstruct, subset_reconstruct
 
@@ -60,7 +61,7 @@ def _topk_local(P_sub: Tensor, k: int) -> Tensor:
     k = min(int(k), n)
     if k == n:
         return torch.arange(B * n, device=P_sub.device)
-    cols = P_sub.topk(k, dim=1, sorted=False).indices  # (B, k)
+    cols = row_topk_columns(P_sub, k)  # (B, k)
     return (cols + torch.arange(B, device=P_sub.device).unsqueeze(1) * n).reshape(-1)
 
 

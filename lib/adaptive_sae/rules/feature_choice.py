@@ -9,7 +9,8 @@ is among a token's top-k affinities (``"demand"``, re-ranked every ``demand_rera
 Inference (DESIGN §4): one threshold θ_j per feature, a running mean of column j's smallest
 selected affinity (its m_j-th largest), i.e. a JumpReLU SAE.
 
-Selection without a full sort: on the CPU, a threshold t_j per column from the first r tokens
+Selection without a full sort: on the CPU, a compiled kernel
+(``selection_kernels.column_topk_flat``), else a threshold t_j per column from the first r tokens
 of the batch gives candidates {P[:, j] ≥ t_j} in one pass over P (no transposed copy of P); the
 top-m_j of the candidates is exact wherever a column has ≥ m_j of them, and the few other columns
 are selected exactly on their own. On a GPU (or for small P), features are grouped into
@@ -26,6 +27,7 @@ from torch import Tensor
 
 from .. import zipf
 from ..config import ConfigError
+from ..selection_kernels import column_topk_flat, row_topk_columns
 from ..sparse_ops import Workspace, entries_at_least, exclusive_cumsum, values_at
 from .base import AllocationRule, ema_thresholds, register_rule
 
@@ -169,6 +171,9 @@ def select_feature_choice(P: Tensor, capacities: Tensor, ws: Workspace | None = 
             f"capacities must be {F} integers (one per feature) in [0, B={B}], got shape "
             f"{tuple(caps_h.shape)}; a feature cannot choose more tokens than the batch holds."
         )
+    idx = column_topk_flat(P, caps_h)  # a compiled kernel on a token-major CPU P
+    if idx is not None:
+        return idx
     if P.t().is_contiguous():
         idx = _fc_topk(P.t(), torch.arange(F, device=P.device), caps_h, F)
     elif B * F <= _FC_SMALL or P.device.type != "cpu":  # a GPU transposes P in microseconds
@@ -242,7 +247,7 @@ class FeatureChoice(AllocationRule):
         ema_thresholds(sae, col_min, torch.isfinite(col_min))
         cfg = sae.cfg
         if self.zipf and cfg.capacity_ranking == "demand":
-            top = P.topk(max(1, math.ceil(cfg.k)), dim=1).indices.reshape(-1)
+            top = row_topk_columns(P, min(P.shape[1], max(1, math.ceil(cfg.k)))).reshape(-1)
             counts = torch.bincount(top, minlength=F)
             if comm is not None:
                 counts = comm.sum_(counts)

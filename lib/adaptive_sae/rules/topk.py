@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ..config import ConfigError
+from ..selection_kernels import row_topk_columns
 from .base import AllocationRule, register_rule
 
 
@@ -19,7 +20,7 @@ def select_topk(P: Tensor, k: int) -> Tensor:
     k = int(k)
     if not 0 < k <= F:
         raise ConfigError(f"topk needs 0 < k <= F, got k={k}, F={F}; lower k.")
-    cols = P.topk(k, dim=1, sorted=False).indices.sort(dim=1).values  # (B, k)
+    cols = row_topk_columns(P, k)  # (B, k), ascending
     return (cols + torch.arange(B, device=P.device).unsqueeze(1) * F).reshape(-1)
 
 

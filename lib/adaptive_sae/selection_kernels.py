@@ -1,0 +1,312 @@
+"""Compiled CPU kernels (numba) for the two selections ``torch.topk`` makes slow at small sizes.
+
+On a CPU ``torch.topk`` costs about half a microsecond a row whatever k: per token (TopK's whole
+selection, Feature Choice (Zipf)'s demand, aux_k) 4-5× the dense product at the suite's own
+sizes (d=64, F=512, B=1024), and per feature over tokens (Feature Choice) more, after a
+transposed copy of P. Both kernels read P once in its own (token-major) layout and bound each
+top-k from below by group maxima, so that only a few entries are ranked:
+
+* ``row_topk_columns(P, k)``: per row, the maxima of G = min(F, 8k) strided column groups; t =
+  their k-th largest is at most the row's k-th largest (k groups each hold an entry ≥ t). Only
+  the groups whose maximum reaches t are scanned for candidates ≥ t, and the top k of those
+  are ranked.
+* ``column_topk_flat(P, m)``: per column j, its top m_j tokens. One pass over P gives the maxima
+  of G = min(B, 128) strided token groups for every column at once (along the rows, as P
+  lies); t_j = the m_j-th largest of column j's group maxima (-inf where m_j > G). Two more
+  passes count and gather the candidates P[b, j] ≥ t_j per column, in token order, and each
+  column ranks only its candidates.
+
+Exact: an entry below a bound has at least k entries above it. Ties go to the lower index, the
+rule of a stable descending sort (the oracles in ``tests/``). A NaN in P (seen in running sums
+of the entries, which also flag inf - inf) sends the whole matrix to the torch path.
+``ADAPTIVE_SAE_KERNELS=0`` turns the kernels off (``use_kernels``; the benchmarks compare both
+in one process). Compiled on first use and cached by numba beside this file.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from torch import Tensor
+
+_ROW_GROUPS_PER_K = 8  # per-token top-k: G = min(F, 8k) column groups
+_COL_GROUPS = 128  # per-feature top-m: G = min(B, 128) token groups ...
+_RANK_BY_INSERTION = 32  # up to this many winners a list is ranked by insertion, else partitioned
+use_kernels = os.environ.get("ADAPTIVE_SAE_KERNELS", "1") != "0"
+_compiled: dict | None = None  # numba import and JIT stay off the import path
+
+
+# The kernels, written in the subset of Python numba compiles (plain loops over arrays).
+def _insert_desc(vals, ids, n, v, i):  # pragma: no cover - compiled
+    """Insert (v, i) into the best-n list (vals descending, ids ascending among equals)."""
+    if v > vals[n - 1] or (v == vals[n - 1] and i < ids[n - 1]):
+        p = n - 1
+        while p > 0 and (vals[p - 1] < v or (vals[p - 1] == v and ids[p - 1] > i)):
+            vals[p] = vals[p - 1]
+            ids[p] = ids[p - 1]
+            p -= 1
+        vals[p] = v
+        ids[p] = i
+
+
+def _sort_small(a, n):  # pragma: no cover - compiled
+    for p in range(1, n):
+        x = a[p]
+        q = p - 1
+        while q >= 0 and a[q] > x:
+            a[q + 1] = a[q]
+            q -= 1
+        a[q + 1] = x
+
+
+def _top_by_partition(x, m, scratch, out, start):  # pragma: no cover - compiled
+    """The indices of x's m largest entries (ties: lower index), ascending, into
+    out[start:start + m], by one partition: for large m, where ranking would cost O(n·m)."""
+    n = x.shape[0]
+    acc = 0.0
+    for p in range(n):
+        scratch[p] = x[p]
+        acc += x[p]
+    if acc != acc:  # NaN
+        return False
+    t = np.partition(scratch[:n], n - m)[n - m]  # the m-th largest
+    above = 0
+    for p in range(n):
+        if x[p] > t:
+            above += 1
+    ties = m - above
+    q = start
+    for p in range(n):
+        v = x[p]
+        if v > t or (v == t and ties > 0):
+            if v == t:
+                ties -= 1
+            out[q] = p
+            q += 1
+    return True
+
+
+def _row_topk(P, k, G, out):  # pragma: no cover - compiled
+    B, F = P.shape
+    gm = np.empty(G, P.dtype)
+    acc = np.empty(G, P.dtype)
+    bound = np.empty(k, P.dtype)
+    bound_id = np.empty(k, np.int64)
+    tv = np.empty(k, P.dtype)
+    tc = np.empty(k, np.int64)
+    scratch = np.empty(F, P.dtype)
+    flat = out.reshape(-1)
+    for b in range(B):
+        row = P[b]
+        if G == F:  # k >= F/8: no grouping pays
+            if not _top_by_partition(row, k, scratch, flat, b * k):
+                return False
+            continue
+        for j in range(G):  # acc: sums per group, so NaN (or inf - inf) shows in one pass
+            gm[j] = row[j]
+            acc[j] = row[j]
+        o = G
+        while o < F:
+            for j in range(min(G, F - o)):
+                v = row[o + j]
+                acc[j] += v
+                if v > gm[j]:
+                    gm[j] = v
+            o += G
+        if np.isnan(acc.sum()):  # the caller falls back to torch.topk
+            return False
+        for j in range(k):
+            bound[j] = -np.inf
+            bound_id[j] = G
+        for j in range(G):
+            if gm[j] >= bound[k - 1]:
+                _insert_desc(bound, bound_id, k, gm[j], j)
+        t = bound[k - 1]
+        for j in range(k):
+            tv[j] = -np.inf
+            tc[j] = F
+        for j in range(G):
+            if gm[j] >= t:
+                f = j
+                while f < F:
+                    if row[f] >= t and row[f] >= tv[k - 1]:
+                        _insert_desc(tv, tc, k, row[f], f)
+                    f += G
+        _sort_small(tc, k)
+        for j in range(k):
+            out[b, j] = tc[j]
+    return True
+
+
+def _column_topk(P, caps, G, out, offsets):  # pragma: no cover - compiled
+    """Column j's top caps[j] tokens (ascending) into out[offsets[j]:offsets[j + 1]]."""
+    B, F = P.shape
+    gm = np.empty((G, F), P.dtype)  # gm[g, j]: max of P[b, j] over tokens b ≡ g (mod G)
+    acc = np.zeros(F, P.dtype)  # sums, so NaN (or inf - inf) shows: the caller's torch path
+    for g in range(G):
+        for j in range(F):
+            gm[g, j] = P[g, j]
+            acc[j] += P[g, j]
+    o = G
+    while o < B:
+        for g in range(min(G, B - o)):
+            for j in range(F):
+                v = P[o + g, j]
+                acc[j] += v
+                if v > gm[g, j]:
+                    gm[g, j] = v
+        o += G
+    if np.isnan(acc.sum()):
+        return False
+    # per column a bound t_j <= its m_j-th largest: the m_j-th largest group maximum
+    t = np.empty(F, P.dtype)
+    col = np.empty(G, P.dtype)
+    mmax = 1
+    for j in range(F):
+        mmax = max(mmax, caps[j])
+    tv = np.empty(mmax, P.dtype)
+    tb = np.empty(mmax, np.int64)
+    for j in range(F):
+        m = caps[j]
+        if m == 0:
+            t[j] = np.inf
+        elif m > G or m >= B:
+            t[j] = -np.inf
+        elif m <= _RANK_BY_INSERTION:
+            for p in range(m):
+                tv[p] = -np.inf
+                tb[p] = G
+            for g in range(G):
+                if gm[g, j] >= tv[m - 1]:
+                    _insert_desc(tv, tb, m, gm[g, j], g)
+            t[j] = tv[m - 1]
+        else:
+            for g in range(G):
+                col[g] = gm[g, j]
+            t[j] = np.partition(col, G - m)[G - m]
+    # candidates P[b, j] >= t_j, gathered per column in token order (two passes: count, fill)
+    start = np.zeros(F + 1, np.int64)
+    for b in range(B):
+        for j in range(F):
+            if P[b, j] >= t[j]:
+                start[j + 1] += 1
+    for j in range(F):
+        start[j + 1] += start[j]
+    cval = np.empty(start[F], P.dtype)
+    ctok = np.empty(start[F], np.int64)
+    pos = start[:F].copy()
+    for b in range(B):
+        for j in range(F):
+            v = P[b, j]
+            if v >= t[j]:
+                cval[pos[j]] = v
+                ctok[pos[j]] = b
+                pos[j] += 1
+    scratch = np.empty(B, P.dtype)
+    for j in range(F):
+        m = caps[j]
+        s, n = start[j], start[j + 1] - start[j]
+        if m == 0:
+            continue
+        if n == m or m > _RANK_BY_INSERTION:
+            if n == m:
+                for p in range(m):
+                    tb[p] = p
+            else:
+                _top_by_partition(cval[s : s + n], m, scratch, tb, 0)
+            for p in range(m):
+                out[offsets[j] + p] = ctok[s + tb[p]]
+            continue
+        for p in range(m):
+            tv[p] = -np.inf
+            tb[p] = n
+        for p in range(n):
+            if cval[s + p] >= tv[m - 1]:
+                _insert_desc(tv, tb, m, cval[s + p], p)
+        _sort_small(tb, m)
+        for p in range(m):
+            out[offsets[j] + p] = ctok[s + tb[p]]
+    return True
+
+
+def _token_major(tokens, caps, offsets, F, B, out):  # pragma: no cover - compiled
+    """Flat indices b·F + j of the selected (token, column) pairs, ascending."""
+    pos = np.zeros(B + 1, np.int64)
+    for p in range(tokens.shape[0]):
+        pos[tokens[p] + 1] += 1
+    for b in range(B):
+        pos[b + 1] += pos[b]
+    for j in range(F):
+        for p in range(offsets[j], offsets[j] + caps[j]):
+            b = tokens[p]
+            out[pos[b]] = b * F + j
+            pos[b] += 1
+
+
+def _kernels() -> dict | None:
+    """The compiled kernels (compiled, or loaded from numba's cache, on first use)."""
+    global _compiled, use_kernels
+    if _compiled is None:
+        try:
+            import numba
+        except ImportError:  # a dependency; without it the torch paths do the work
+            use_kernels = False
+            return None
+        jit = numba.njit(cache=True, nogil=True, boundscheck=False)
+        g = globals()  # the kernels' callees, compiled first
+        for name in ("_insert_desc", "_sort_small", "_top_by_partition"):
+            g[name] = jit(g[name])
+        _compiled = {
+            "row": jit(_row_topk),
+            "column": jit(_column_topk),
+            "token_major": jit(_token_major),
+        }
+    return _compiled
+
+
+def _applies(P: Tensor) -> bool:
+    return (
+        use_kernels
+        and P.device.type == "cpu"
+        and P.dtype in (torch.float32, torch.float64)
+        and P.dim() == 2
+        and P.is_contiguous()
+        and not P.requires_grad
+        and P.numel() > 0
+    )
+
+
+@torch.no_grad()
+def row_topk_columns(P: Tensor, k: int) -> Tensor:
+    """The columns of each row's k largest entries, (B, k) int64, ascending within a row.
+
+    The kernel breaks ties towards the lower column; torch.topk's tie order is unspecified
+    (the two agree wherever a row's k-th and (k+1)-th values differ)."""
+    B, F = P.shape
+    kern = _kernels() if _applies(P) else None
+    if kern is not None and k > 0:
+        out = torch.empty(B, k, dtype=torch.int64)
+        if kern["row"](P.numpy(), int(k), min(F, _ROW_GROUPS_PER_K * int(k)), out.numpy()):
+            return out
+    return P.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+
+
+@torch.no_grad()
+def column_topk_flat(P: Tensor, capacities: Tensor) -> Tensor | None:
+    """Column j's capacities[j] largest entries of a token-major P (B, F): flat indices b·F + j,
+    ascending; None where the kernel does not apply (the caller's torch path selects)."""
+    B, F = P.shape
+    kern = _kernels() if _applies(P) else None
+    if kern is None:
+        return None
+    caps = capacities.to("cpu", torch.int64).contiguous().numpy()
+    offsets = np.zeros(F + 1, np.int64)
+    np.cumsum(caps, out=offsets[1:])
+    tokens = np.empty(int(offsets[-1]), np.int64)
+    if not kern["column"](P.numpy(), caps, min(B, _COL_GROUPS), tokens, offsets):
+        return None
+    out = torch.empty(tokens.shape[0], dtype=torch.int64)
+    kern["token_major"](tokens, caps, offsets, F, B, out.numpy())
+    return out

@@ -1,0 +1,108 @@
+"""The selection kernels against naive oracles: a stable descending sort of each row or column."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from adaptive_sae import selection_kernels
+from adaptive_sae.selection_kernels import column_topk_flat, row_topk_columns
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from oracles import column_topk_indices
+
+pytest.importorskip("numba")
+
+
+def oracle(P: torch.Tensor, k: int) -> torch.Tensor:
+    """Larger value first, lower column among equals; the k columns ascending."""
+    order = torch.sort(P, dim=1, descending=True, stable=True).indices
+    return order[:, :k].sort(dim=1).values
+
+
+@st.composite
+def matrices(draw):
+    B = draw(st.integers(1, 12))
+    F = draw(st.integers(1, 80))
+    k = draw(st.integers(1, F))
+    levels = draw(st.sampled_from([3, 1000]))  # 3: ties everywhere
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    P = torch.randint(-levels, levels + 1, (B, F), generator=g).float() / levels
+    if draw(st.booleans()):
+        P[torch.rand(B, F, generator=g) < 0.2] = float("-inf")
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    return P.to(dtype), k
+
+
+@settings(max_examples=300, deadline=None)
+@given(matrices())
+@example((torch.zeros(3, 17), 5))  # all equal: the lowest columns
+@example((torch.full((2, 9), float("-inf")), 9))
+@example((torch.arange(64.0).flip(0).repeat(2, 1), 8))  # the answer is the first group
+def test_kernel_equals_stable_sort_oracle(case):
+    P, k = case
+    assert torch.equal(row_topk_columns(P, k), oracle(P, k))
+
+
+def test_exact_small_case():
+    P = torch.tensor([[0.1, 0.9, 0.5, 0.9, -1.0], [3.0, 2.0, 1.0, 0.0, 2.0]])
+    assert row_topk_columns(P, 2).tolist() == [[1, 3], [0, 1]]
+    assert row_topk_columns(P, 3).tolist() == [[1, 2, 3], [0, 1, 4]]
+
+
+def test_sizes_of_the_experiments_match_torch_topk():
+    g = torch.Generator().manual_seed(0)
+    for B, d, F, k in [(1024, 64, 512, 8), (256, 64, 512, 4), (300, 128, 2048, 16)]:
+        P = torch.randn(B, d, generator=g) @ torch.randn(d, F, generator=g)
+        ref = P.topk(k, dim=1).indices.sort(dim=1).values
+        assert torch.equal(row_topk_columns(P, k), ref)
+
+
+def test_nan_rows_fall_back_to_torch_topk():
+    P = torch.randn(6, 40)
+    P[2, 7] = float("nan")
+    P[4] = float("nan")
+    ref = P.topk(5, dim=1).indices.sort(dim=1).values
+    assert torch.equal(row_topk_columns(P, 5), ref)
+
+
+def test_torch_path_when_kernels_are_off(monkeypatch):
+    P = torch.randn(50, 96)
+    fast = row_topk_columns(P, 6)
+    monkeypatch.setattr(selection_kernels, "use_kernels", False)
+    assert torch.equal(row_topk_columns(P, 6), fast)
+    assert torch.equal(row_topk_columns(P.t().contiguous().t(), 6), fast)  # non-contiguous
+
+
+@st.composite
+def columns_case(draw):
+    P, _ = draw(matrices())
+    B, F = P.shape
+    caps = torch.tensor(draw(st.lists(st.integers(0, B), min_size=F, max_size=F)))
+    return P, caps
+
+
+@settings(max_examples=300, deadline=None)
+@given(columns_case())
+@example((torch.zeros(300, 3), torch.tensor([5, 0, 300])))  # ties, empty and full columns
+@example((torch.randn(1024, 12), torch.tensor([1, 2, 4, 8, 16, 31, 32, 33, 100, 500, 1000, 1023])))
+def test_column_kernel_equals_stable_sort_oracle(case):
+    P, caps = case
+    got = column_topk_flat(P, caps)
+    assert got is not None
+    assert torch.equal(got, column_topk_indices(P, caps).sort().values)
+
+
+def test_column_kernel_declines_nan_and_non_contiguous():
+    P = torch.randn(64, 10)
+    caps = torch.full((10,), 3)
+    P[5, 2] = float("nan")
+    assert column_topk_flat(P, caps) is None
+    assert column_topk_flat(torch.randn(10, 64).t(), torch.full((10,), 3)[:10]) is None
+
+
+def test_row_kernel_large_k_by_partition():
+    g = torch.Generator().manual_seed(1)
+    P = torch.randint(-4, 5, (40, 300), generator=g).double()  # ties; k >= F/8: partition
+    for k in (38, 150, 299, 300):
+        assert torch.equal(row_topk_columns(P, k), oracle(P, k))

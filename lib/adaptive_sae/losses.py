@@ -20,8 +20,8 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor
 
-from .selection_kernels import row_topk_columns
 from .rules.feature_choice import select_feature_choice
+from .selection_kernels import row_topk_columns
 from .sparse_ops import DENSE_SUBSET_DENSITY, sparse_reconstruct, subset_reconstruct
 
 _EPS = 1e-12

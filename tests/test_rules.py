@@ -170,14 +170,19 @@ def test_topk_matches_oracle(B, F, k, kernels, monkeypatch):
 
 @pytest.mark.parametrize("layout", ["token_major", "feature_major"])
 @pytest.mark.parametrize("B,F,k", [(32, 64, 3.0), (512, 1024, 8.0), (600, 1000, 2.5)])
-@pytest.mark.parametrize("block", [1 << 22, 5000])
-def test_mutual_choice_matches_oracle(B, F, k, layout, block, monkeypatch):
-    """(512, 1024) and (600, 1000) have B·F > 4·2^16 and K·8 < B·F: the sampled-threshold path."""
+@pytest.mark.parametrize("block,kernels", [(1 << 22, False), (5000, False), (1 << 22, True)])
+def test_mutual_choice_matches_oracle(B, F, k, layout, block, kernels, monkeypatch):
+    """(512, 1024) and (600, 1000) have B·F > 4·2^16 and K·8 < B·F: the sampled-threshold path,
+    through torch's mask (in one block or many) or through the compiled kernel."""
     monkeypatch.setattr(sparse_ops, "_MASK_BLOCK", block)  # one block, or many
+    monkeypatch.setattr(selection_kernels, "use_kernels", kernels)
     P = torch.randn(B, F, generator=torch.Generator().manual_seed(B + F))
     if layout == "feature_major":
         P = P.t().contiguous().t()
-    calls = spy(monkeypatch, mutual_choice, "entries_at_least")
+    if kernels:
+        calls = spy(monkeypatch, selection_kernels, "top_k_at_least")
+    else:
+        calls = spy(monkeypatch, mutual_choice, "entries_at_least")
     idx = select("mutual_choice", sae_for("mutual_choice", F, k), P)
     assert bool(calls) == (B * F > 4 * mutual_choice._MC_SAMPLE)  # the sampled threshold
     K = int(k * B)
@@ -186,9 +191,11 @@ def test_mutual_choice_matches_oracle(B, F, k, layout, block, monkeypatch):
     assert as_set(idx) == as_set(oracles.global_topk_indices(P.contiguous(), K))
 
 
-def test_mutual_choice_when_the_sample_misleads(monkeypatch):
+@pytest.mark.parametrize("kernels", [True, False])
+def test_mutual_choice_when_the_sample_misleads(kernels, monkeypatch):
     """The sampled entries are all tied at the top, so the sample's threshold leaves too few
     candidates: the threshold must be lowered (finally a full top-K) and stay exact."""
+    monkeypatch.setattr(selection_kernels, "use_kernels", kernels)
     monkeypatch.setattr(mutual_choice, "_MC_SAMPLE", 1 << 10)
     B, F = 512, 1024
     P = torch.randn(B, F, generator=torch.Generator().manual_seed(0))
@@ -202,7 +209,9 @@ def test_mutual_choice_when_the_sample_misleads(monkeypatch):
     )
 
 
-def test_mutual_choice_reuses_the_workspace():
+def test_mutual_choice_reuses_the_workspace(monkeypatch):
+    """torch's candidate path keeps its mask buffer in the workspace."""
+    monkeypatch.setattr(selection_kernels, "use_kernels", False)
     ws = sparse_ops.Workspace()
     P = torch.randn(300, 1000, generator=torch.Generator().manual_seed(1))
     a = select_mutual_choice(P, 2400, ws)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from adaptive_sae import selection_kernels
-from adaptive_sae.selection_kernels import column_topk_flat, row_topk_columns
+from adaptive_sae.selection_kernels import column_topk_flat, row_topk_columns, top_k_at_least
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from oracles import column_topk_indices
@@ -106,3 +106,28 @@ def test_row_kernel_large_k_by_partition():
     P = torch.randint(-4, 5, (40, 300), generator=g).double()  # ties; k >= F/8: partition
     for k in (38, 150, 299, 300):
         assert torch.equal(row_topk_columns(P, k), oracle(P, k))
+
+
+@settings(max_examples=300, deadline=None)
+@given(matrices(), st.data())
+def test_top_at_least_equals_global_oracle_or_declines(case, data):
+    """Mutual Choice's kernel: the global top K when K..cap entries reach t, else None."""
+    P, _ = case
+    x = P.reshape(-1)
+    n = x.numel()
+    K = data.draw(st.integers(1, n))
+    t = float(x[data.draw(st.integers(0, n - 1))])
+    cap = data.draw(st.integers(K, n))
+    count = int((x >= t).sum())
+    got = top_k_at_least(x, K, t, cap)
+    if K <= count <= cap:
+        ref = torch.sort(x, descending=True, stable=True).indices[:K].sort().values
+        assert torch.equal(got, ref)
+    else:
+        assert got is None
+
+
+def test_top_at_least_declines_nan():
+    x = torch.randn(1000)
+    x[10] = float("nan")
+    assert top_k_at_least(x, 5, -10.0, 1000) is None

@@ -1,4 +1,4 @@
-"""Compiled CPU kernels (numba) for the two selections ``torch.topk`` makes slow at small sizes.
+"""Compiled CPU kernels (numba) for the selections ``torch.topk`` makes slow at small sizes.
 
 On a CPU ``torch.topk`` costs about half a microsecond a row whatever k: per token (TopK's whole
 selection, Feature Choice (Zipf)'s demand, aux_k) 4-5× the dense product at the suite's own
@@ -10,6 +10,9 @@ top-k from below by group maxima, so that only a few entries are ranked:
   their k-th largest is at most the row's k-th largest (k groups each hold an entry ≥ t). Only
   the groups whose maximum reaches t are scanned for candidates ≥ t, and the top k of those
   are ranked.
+* ``top_k_at_least(x, K, t, cap)``: Mutual Choice's top K of the whole batch among the entries
+  ≥ a threshold t (the previous step's): two counting passes, one gathering pass, then one
+  partition of the candidates.
 * ``column_topk_flat(P, m)``: per column j, its top m_j tokens. One pass over P gives the maxima
   of G = min(B, 128) strided token groups for every column at once (along the rows, as P
   lies); t_j = the m_j-th largest of column j's group maxima (-inf where m_j > G). Two more
@@ -245,6 +248,42 @@ def _token_major(tokens, caps, offsets, F, B, out):  # pragma: no cover - compil
             pos[b] += 1
 
 
+def _top_at_least(x, K, t, cap, out):  # pragma: no cover - compiled
+    """The K largest entries of x among those >= t (ties: lower index), ascending, into out,
+    when there are between K and cap of them. Returns their count, or -1 for NaN in x."""
+    n = x.shape[0]
+    ge = 0
+    lt = 0
+    for i in range(n):  # two counts: an entry that is neither >= t nor < t is NaN
+        ge += x[i] >= t
+        lt += x[i] < t
+    if ge + lt != n:
+        return -1
+    if ge < K or ge > cap:
+        return ge
+    vals = np.empty(ge, x.dtype)
+    ids = np.empty(ge, np.int64)
+    q = 0
+    for i in range(n):
+        if x[i] >= t:
+            vals[q] = x[i]
+            ids[q] = i
+            q += 1
+    tk = np.partition(vals, ge - K)[ge - K]  # the K-th largest
+    ties = K
+    for p in range(ge):
+        ties -= vals[p] > tk
+    q = 0
+    for p in range(ge):
+        v = vals[p]
+        if v > tk or (v == tk and ties > 0):
+            if v == tk:
+                ties -= 1
+            out[q] = ids[p]
+            q += 1
+    return ge
+
+
 def _kernels() -> dict | None:
     """The compiled kernels (compiled, or loaded from numba's cache, on first use)."""
     global _compiled, use_kernels
@@ -262,16 +301,18 @@ def _kernels() -> dict | None:
             "row": jit(_row_topk),
             "column": jit(_column_topk),
             "token_major": jit(_token_major),
+            "at_least": jit(_top_at_least),
         }
     return _compiled
 
 
-def _applies(P: Tensor) -> bool:
+def applies(P: Tensor) -> bool:
+    """Whether the kernels take P: on, a contiguous float32/64 CPU tensor, no autograd."""
     return (
         use_kernels
         and P.device.type == "cpu"
         and P.dtype in (torch.float32, torch.float64)
-        and P.dim() == 2
+        and P.dim() in (1, 2)
         and P.is_contiguous()
         and not P.requires_grad
         and P.numel() > 0
@@ -285,7 +326,7 @@ def row_topk_columns(P: Tensor, k: int) -> Tensor:
     The kernel breaks ties towards the lower column; torch.topk's tie order is unspecified
     (the two agree wherever a row's k-th and (k+1)-th values differ)."""
     B, F = P.shape
-    kern = _kernels() if _applies(P) else None
+    kern = _kernels() if applies(P) else None
     if kern is not None and k > 0:
         out = torch.empty(B, k, dtype=torch.int64)
         if kern["row"](P.numpy(), int(k), min(F, _ROW_GROUPS_PER_K * int(k)), out.numpy()):
@@ -298,7 +339,7 @@ def column_topk_flat(P: Tensor, capacities: Tensor) -> Tensor | None:
     """Column j's capacities[j] largest entries of a token-major P (B, F): flat indices b·F + j,
     ascending; None where the kernel does not apply (the caller's torch path selects)."""
     B, F = P.shape
-    kern = _kernels() if _applies(P) else None
+    kern = _kernels() if applies(P) else None
     if kern is None:
         return None
     caps = capacities.to("cpu", torch.int64).contiguous().numpy()
@@ -310,3 +351,16 @@ def column_topk_flat(P: Tensor, capacities: Tensor) -> Tensor | None:
     out = torch.empty(tokens.shape[0], dtype=torch.int64)
     kern["token_major"](tokens, caps, offsets, F, B, out.numpy())
     return out
+
+
+@torch.no_grad()
+def top_k_at_least(x: Tensor, K: int, t: float | Tensor, cap: int) -> Tensor | None:
+    """The K largest entries of a 1-D x among those ≥ t, flat indices ascending, when between K
+    and ``cap`` entries reach t (Mutual Choice's candidates under a threshold); None when fewer
+    or more do, or x holds NaN. Call only where ``applies(x)``."""
+    kern = _kernels()
+    if kern is None:
+        raise RuntimeError("the selection kernels are not available (numba is not installed)")
+    out = torch.empty(int(K), dtype=torch.int64)
+    count = kern["at_least"](x.numpy(), int(K), float(t), int(cap), out.numpy())
+    return out if K <= count <= cap else None

@@ -7,7 +7,8 @@ SAE's ``thresholds`` buffer, the JumpReLU form SAELens saves BatchTopK SAEs in.
 
 Selection without a full sort: a threshold t (the previous step's, else one from a strided
 sample of P) such that
-C = {P ≥ t} has |C| ≥ K (checked; t is lowered if not), then top-K of C. Exact: an entry
+C = {P ≥ t} has |C| ≥ K (checked; t is lowered if not), then top-K of C (on a CPU one compiled
+kernel, ``selection_kernels.top_k_at_least``). Exact: an entry
 outside C is < t ≤ every entry of C, and C holds ≥ K entries, so it cannot be in the top K.
 """
 
@@ -18,6 +19,7 @@ import math
 import torch
 from torch import Tensor
 
+from .. import selection_kernels
 from ..config import ConfigError
 from ..sparse_ops import Workspace, entries_at_least, sorted_indices, values_at
 from .base import AllocationRule, ema_thresholds, register_rule
@@ -53,6 +55,15 @@ def _top_of_candidates(flat: Tensor, cand: Tensor, K: int) -> Tensor:
     return cand[keep]
 
 
+def _top_at_least(flat: Tensor, rows: int, K: int, t: Tensor, cap: int, ws) -> Tensor | None:
+    """The top K of the entries >= t (ascending) when K to ``cap`` entries reach t, else None:
+    the compiled kernel on a CPU, else candidates by a mask and a topk over them."""
+    if selection_kernels.applies(flat):
+        return selection_kernels.top_k_at_least(flat, K, t, cap)
+    cand = entries_at_least(flat.view(rows, -1), t, ws)
+    return _top_of_candidates(flat, cand, K) if K <= cand.numel() <= cap else None
+
+
 def select_mutual_choice(P: Tensor, budget: int, ws: Workspace | None = None) -> Tensor:
     """The ``budget`` largest entries of the whole (B, F) matrix: flat indices, ascending.
 
@@ -71,9 +82,7 @@ def select_mutual_choice(P: Tensor, budget: int, ws: Workspace | None = None) ->
     if K * 8 > n:  # dense: a plain topk is as fast
         idx = sorted_indices(flat.topk(K, sorted=False).indices)
     elif hint is not None and hint.device == P.device:
-        cand = entries_at_least(flat.view(rows_of_storage, -1), hint, ws)
-        if K <= cand.numel() <= 4 * K:
-            idx = _top_of_candidates(flat, cand, K)
+        idx = _top_at_least(flat, rows_of_storage, K, hint, 4 * K, ws)
     if idx is None and n <= 4 * _MC_SAMPLE:  # small: one topk (its K-th value the next hint)
         top = flat.topk(K, sorted=False)
         idx = sorted_indices(top.indices)
@@ -87,9 +96,8 @@ def select_mutual_choice(P: Tensor, budget: int, ws: Workspace | None = None) ->
         r = min(s, int(math.ceil(mean + _MC_MARGIN_SD * math.sqrt(mean) + 8)))
         while idx is None:
             t = sample.topk(r, sorted=False).values.min()
-            cand = entries_at_least(flat.view(rows_of_storage, -1), t, ws)
-            if cand.numel() >= K:
-                idx = _top_of_candidates(flat, cand, K)
+            idx = _top_at_least(flat, rows_of_storage, K, t, n, ws)
+            if idx is not None:
                 if ws is not None:
                     ws.hints["mutual_choice"] = t
             elif r == s:  # the whole sample was not enough (heavy ties or NaN): sort it all

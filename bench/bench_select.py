@@ -3,9 +3,12 @@
     python bench/bench_select.py                        # the suite's sizes, 1 thread
     python bench/bench_select.py --fc-sample 1024 256   # Feature Choice's candidate sample, side by side
 
+Each rule is timed through the compiled kernels (``selection_kernels``; "kernel") and through
+torch's paths ("torch"), side by side.
+
 Times are the best of ``--repeats`` calls (ms) in one process, the dense product X·W_enc
-(B×d by d×F, into a preallocated output) timed beside them; every setting of
-``--fc-sample`` selects exactly the same entries (checked here) and differs only in time.
+(B×d by d×F, into a preallocated output) timed beside them; every setting
+selects exactly the same entries (checked here) and differs only in time.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import os
 import time
 
 import torch
-from adaptive_sae import SAEConfig, SparseAutoencoder
+from adaptive_sae import SAEConfig, SparseAutoencoder, selection_kernels
 from adaptive_sae.rules import feature_choice, get_rule
 
 SIZES = [  # (B, d, F, k)
@@ -64,17 +67,19 @@ def main(argv=None) -> int:
         for name in a.rules:
             rule = get_rule(name)
             sae = SparseAutoencoder(SAEConfig(d_in=d, n_features=F, rule=name, k=k))
-            settings = [("default", default)]
+            settings = [("kernel", default, True), ("torch", default, False)]
             if name.startswith("feature_choice"):
-                settings += [(f"sample {r}", (r, r)) for r in a.fc_sample]
+                settings += [(f"torch, sample {r}", (r, r), False) for r in a.fc_sample]
             ref = None
-            for label, rows in settings:
+            for label, rows, kernels in settings:
                 feature_choice._FC_SAMPLE_ROWS = rows
+                selection_kernels.use_kernels = kernels
                 try:
                     idx = rule.select(sae, P)
                     ms = best_ms(lambda: rule.select(sae, P), a.repeats)  # noqa: B023
                 finally:
                     feature_choice._FC_SAMPLE_ROWS = default
+                    selection_kernels.use_kernels = True
                 if ref is None:
                     ref = idx
                 elif not torch.equal(idx, ref):

@@ -293,7 +293,13 @@ def _kernels() -> dict | None:
         except ImportError:  # a dependency; without it the torch paths do the work
             use_kernels = False
             return None
-        jit = numba.njit(cache=True, nogil=True, boundscheck=False)
+
+        def jit(fn):
+            try:
+                return numba.njit(cache=True, nogil=True, boundscheck=False)(fn)
+            except RuntimeError:  # no writable cache location: compile in every process
+                return numba.njit(cache=False, nogil=True, boundscheck=False)(fn)
+
         g = globals()  # the kernels' callees, compiled first
         for name in ("_insert_desc", "_sort_small", "_top_by_partition"):
             g[name] = jit(g[name])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import oracles
 import pytest
 import torch
+from adaptive_sae import selection_kernels
 from adaptive_sae.rules import mutual_choice
 from adaptive_sae.rules.mutual_choice import select_mutual_choice
 from adaptive_sae.sparse_ops import Workspace, sparse_reconstruct, stacked_reconstruct
@@ -17,15 +18,21 @@ def _as_set(idx: torch.Tensor) -> set[int]:
     return set(idx.tolist())
 
 
+@pytest.mark.parametrize("kernels", [True, False])
 @pytest.mark.parametrize("B,F,k", [(256, 512, 8), (1024, 512, 8), (600, 1000, 2.5)])
-def test_mutual_choice_with_the_previous_threshold_is_exact(B, F, k, monkeypatch):
+def test_mutual_choice_with_the_previous_threshold_is_exact(B, F, k, kernels, monkeypatch):
     """Over a drifting sequence of batches the workspace's threshold is reused (the candidate
-    pass runs without a sample), and every selection is the exact top K."""
+    pass runs without a sample), and every selection is the exact top K; through the compiled
+    kernel and through torch's mask."""
+    monkeypatch.setattr(selection_kernels, "use_kernels", kernels)
     g = torch.Generator().manual_seed(B)
     ws = Workspace()
     calls = []
-    real = mutual_choice.entries_at_least
-    monkeypatch.setattr(mutual_choice, "entries_at_least", lambda *a: calls.append(1) or real(*a))
+    real = mutual_choice._top_at_least
+    # the hint's candidates are capped at 4K (a sampled threshold's at B·F): count those calls
+    monkeypatch.setattr(
+        mutual_choice, "_top_at_least", lambda *a: calls.append(a[4] == 4 * a[2]) or real(*a)
+    )
     K = int(k * B)
     for step in range(6):
         P = torch.randn(B, F, generator=g) + 0.05 * step  # the affinities drift
@@ -33,7 +40,7 @@ def test_mutual_choice_with_the_previous_threshold_is_exact(B, F, k, monkeypatch
         assert idx.numel() == K and bool((idx[1:] > idx[:-1]).all())
         assert _as_set(idx) == _as_set(oracles.global_topk_indices(P, K))
     assert "mutual_choice" in ws.hints
-    assert len(calls) >= 5  # the threshold pass ran (from the hint) on the later steps
+    assert sum(calls) >= 5  # the threshold pass ran from the hint on the later steps
 
 
 @pytest.mark.parametrize("hint", [float("inf"), -float("inf"), 1e9, -1e9])

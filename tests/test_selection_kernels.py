@@ -136,8 +136,10 @@ def test_top_at_least_declines_nan():
 @pytest.mark.parametrize("rule", ["topk", "mutual_choice", "feature_choice", "feature_choice_zipf"])
 @pytest.mark.parametrize("aux", ["aux_k", "aux_zipf"])
 def test_training_is_bit_identical_with_and_without_kernels(rule, aux, monkeypatch):
-    """The kernels select the same entries as torch's paths (no ties in real affinities), so a
-    run's weights and history do not depend on them."""
+    """Where the affinities have no ties at a selection's boundary (random data here) the
+    kernels select the same entries as torch's paths, so a run's weights and history do not
+    depend on them. (With ties, e.g. repeated tokens, the kernels take the lower index and
+    torch.topk an unspecified one: equally exact selections, different runs.)"""
     import adaptive_sae as asae
 
     data = torch.randn(128 * 12, 16, generator=torch.Generator().manual_seed(0))

@@ -76,7 +76,14 @@ def test_torch_path_when_kernels_are_off(monkeypatch):
 
 @st.composite
 def columns_case(draw):
-    P, _ = draw(matrices())
+    """Short wide matrices, and tall ones (B > 128: several tokens per group), ties included."""
+    if draw(st.booleans()):
+        P, _ = draw(matrices())
+    else:
+        B, F = draw(st.integers(129, 400)), draw(st.integers(1, 6))
+        levels = draw(st.sampled_from([3, 1000]))
+        g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+        P = torch.randint(-levels, levels + 1, (B, F), generator=g).float() / levels
     B, F = P.shape
     caps = torch.tensor(draw(st.lists(st.integers(0, B), min_size=F, max_size=F)))
     return P, caps

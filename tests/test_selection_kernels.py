@@ -162,3 +162,23 @@ def test_training_is_bit_identical_with_and_without_kernels(rule, aux, monkeypat
     a, b = runs[0].sae.state_dict(), runs[1].sae.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert runs[0].history.equals(runs[1].history)
+
+
+def test_without_numba_every_selection_takes_the_torch_path(monkeypatch):
+    """numba missing (an environment without it): no entry point raises, each selects exactly."""
+    import sys
+
+    from adaptive_sae import sparse_ops
+    from adaptive_sae.rules.mutual_choice import select_mutual_choice
+
+    monkeypatch.setitem(sys.modules, "numba", None)  # import numba raises ImportError
+    monkeypatch.setattr(selection_kernels, "_compiled", None)
+    monkeypatch.setattr(selection_kernels, "use_kernels", True)
+    P = torch.randn(512, 1024, generator=torch.Generator().manual_seed(3))
+    ws = sparse_ops.Workspace()
+    for _ in range(2):  # the second call takes the threshold (hint) path
+        idx = select_mutual_choice(P, 4096, ws)
+        assert torch.equal(idx, P.reshape(-1).topk(4096).indices.sort().values)
+    assert not selection_kernels.applies(P)
+    assert torch.equal(row_topk_columns(P, 3), P.topk(3, dim=1).indices.sort(dim=1).values)
+    assert column_topk_flat(P, torch.full((1024,), 2)) is None

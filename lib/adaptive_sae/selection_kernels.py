@@ -312,9 +312,10 @@ def _kernels() -> dict | None:
     return _compiled
 
 
-def applies(P: Tensor) -> bool:
-    """Whether the kernels take P: on, a contiguous float32/64 CPU tensor, no autograd."""
-    return (
+def _kernels_for(P: Tensor) -> dict | None:
+    """The compiled kernels where they take P (on, available, a contiguous float32/64 CPU
+    tensor without autograd), else None: the one check every entry point makes."""
+    if not (
         use_kernels
         and P.device.type == "cpu"
         and P.dtype in (torch.float32, torch.float64)
@@ -322,7 +323,14 @@ def applies(P: Tensor) -> bool:
         and P.is_contiguous()
         and not P.requires_grad
         and P.numel() > 0
-    )
+    ):
+        return None
+    return _kernels()
+
+
+def applies(P: Tensor) -> bool:
+    """Whether the kernels take P (see ``_kernels_for``)."""
+    return _kernels_for(P) is not None
 
 
 @torch.no_grad()
@@ -332,7 +340,7 @@ def row_topk_columns(P: Tensor, k: int) -> Tensor:
     The kernel breaks ties towards the lower column; torch.topk's tie order is unspecified
     (the two agree wherever a row's k-th and (k+1)-th values differ)."""
     B, F = P.shape
-    kern = _kernels() if applies(P) else None
+    kern = _kernels_for(P)
     if kern is not None and k > 0:
         out = torch.empty(B, k, dtype=torch.int64)
         if kern["row"](P.numpy(), int(k), min(F, _ROW_GROUPS_PER_K * int(k)), out.numpy()):
@@ -345,7 +353,7 @@ def column_topk_flat(P: Tensor, capacities: Tensor) -> Tensor | None:
     """Column j's capacities[j] largest entries of a token-major P (B, F): flat indices b·F + j,
     ascending; None where the kernel does not apply (the caller's torch path selects)."""
     B, F = P.shape
-    kern = _kernels() if applies(P) else None
+    kern = _kernels_for(P)
     if kern is None:
         return None
     caps = capacities.to("cpu", torch.int64).contiguous().numpy()
@@ -364,9 +372,9 @@ def top_k_at_least(x: Tensor, K: int, t: float | Tensor, cap: int) -> Tensor | N
     """The K largest entries of a 1-D x among those ≥ t, flat indices ascending, when between K
     and ``cap`` entries reach t (Mutual Choice's candidates under a threshold); None when fewer
     or more do, or x holds NaN. Call only where ``applies(x)``."""
-    kern = _kernels()
+    kern = _kernels_for(x)
     if kern is None:
-        raise RuntimeError("the selection kernels are not available (numba is not installed)")
+        raise RuntimeError("the selection kernels do not take this tensor; check applies(x) first")
     out = torch.empty(int(K), dtype=torch.int64)
     count = kern["at_least"](x.numpy(), int(K), float(t), int(cap), out.numpy())
     return out if K <= count <= cap else None

@@ -71,6 +71,7 @@ def main(argv=None) -> int:
             if name.startswith("feature_choice"):
                 settings += [(f"torch, sample {r}", (r, r), False) for r in a.fc_sample]
             ref = None
+            kernels_default = selection_kernels.use_kernels
             for label, rows, kernels in settings:
                 feature_choice._FC_SAMPLE_ROWS = rows
                 selection_kernels.use_kernels = kernels
@@ -79,7 +80,7 @@ def main(argv=None) -> int:
                     ms = best_ms(lambda: rule.select(sae, P), a.repeats)  # noqa: B023
                 finally:
                     feature_choice._FC_SAMPLE_ROWS = default
-                    selection_kernels.use_kernels = True
+                    selection_kernels.use_kernels = kernels_default
                 if ref is None:
                     ref = idx
                 elif not torch.equal(idx, ref):

@@ -156,7 +156,7 @@ def main(argv=None) -> int:
             rows.append(
                 {
                     "B": B,
-                    "rule": v[0] + ("" if a.kernels != "both" else " (kernel)" if v[1] else ""),
+                    "rule": f"{v[0]} (kernel)" if a.kernels == "both" and v[1] else v[0],
                     "aux": a.aux,
                     "top_k": "kernel" if v[1] else "torch.topk",
                     "step_ms": best[v],

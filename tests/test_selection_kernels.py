@@ -19,10 +19,14 @@ def oracle(P: torch.Tensor, k: int) -> torch.Tensor:
     return order[:, :k].sort(dim=1).values
 
 
+WIDE = (st.integers(1, 12), st.integers(1, 80))  # rows, columns
+TALL = (st.integers(129, 400), st.integers(1, 6))  # B > 128: several tokens per column group
+
+
 @st.composite
-def matrices(draw):
-    B = draw(st.integers(1, 12))
-    F = draw(st.integers(1, 80))
+def matrices(draw, shape=WIDE):
+    B = draw(shape[0])
+    F = draw(shape[1])
     k = draw(st.integers(1, F))
     levels = draw(st.sampled_from([3, 1000]))  # 3: ties everywhere
     seed = draw(st.integers(0, 2**31 - 1))
@@ -77,13 +81,8 @@ def test_torch_path_when_kernels_are_off(monkeypatch):
 @st.composite
 def columns_case(draw):
     """Short wide matrices, and tall ones (B > 128: several tokens per group), ties included."""
-    if draw(st.booleans()):
-        P, _ = draw(matrices())
-    else:
-        B, F = draw(st.integers(129, 400)), draw(st.integers(1, 6))
-        levels = draw(st.sampled_from([3, 1000]))
-        g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
-        P = torch.randint(-levels, levels + 1, (B, F), generator=g).float() / levels
+    tall = draw(st.booleans())
+    P, _ = draw(matrices(TALL if tall else WIDE))
     B, F = P.shape
     caps = torch.tensor(draw(st.lists(st.integers(0, B), min_size=F, max_size=F)))
     return P, caps

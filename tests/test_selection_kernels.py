@@ -21,13 +21,14 @@ def oracle(P: torch.Tensor, k: int) -> torch.Tensor:
 
 WIDE = (st.integers(1, 12), st.integers(1, 80))  # rows, columns
 TALL = (st.integers(129, 400), st.integers(1, 6))  # B > 128: several tokens per column group
+LONG = (st.integers(1, 6), st.integers(65, 1500))  # F > 64: the row kernel's lanes
 
 
 @st.composite
-def matrices(draw, shape=WIDE):
+def matrices(draw, shape=WIDE, max_k=None):
     B = draw(shape[0])
     F = draw(shape[1])
-    k = draw(st.integers(1, F))
+    k = draw(st.integers(1, min(F, max_k or F)))
     levels = draw(st.sampled_from([3, 1000]))  # 3: ties everywhere
     seed = draw(st.integers(0, 2**31 - 1))
     g = torch.Generator().manual_seed(seed)
@@ -44,6 +45,17 @@ def matrices(draw, shape=WIDE):
 @example((torch.full((2, 9), float("-inf")), 9))
 @example((torch.arange(64.0).flip(0).repeat(2, 1), 8))  # the answer is the first group
 def test_kernel_equals_stable_sort_oracle(case):
+    P, k = case
+    assert torch.equal(row_topk_columns(P, k), oracle(P, k))
+
+
+@settings(max_examples=300, deadline=None)
+@given(matrices(LONG, max_k=100))
+@example((torch.zeros(2, 700), 9))  # every lane reaches the bound: ranked by insertion
+@example((torch.arange(1024.0).repeat(3, 1), 20))  # the answer is the last lanes
+def test_row_kernel_lanes_equal_stable_sort_oracle(case):
+    """Rows wider than the lanes (F > 64, k < F/8): the bound, the candidates and their
+    ranking (by counting, or by insertion beyond 64 lanes or candidates), with ties and -inf."""
     P, k = case
     assert torch.equal(row_topk_columns(P, k), oracle(P, k))
 

@@ -241,6 +241,29 @@ def test_non_finite_activations_stop_with_checkpoint(tmp_path):
         assert bool(torch.isfinite(p).all())
 
 
+@pytest.mark.parametrize("bad", ["nan", "inf", "both infinities"])
+def test_batch_check_finds_every_non_finite_entry(bad):
+    from adaptive_sae.distributed import current_comm
+    from adaptive_sae.trainer import _holds_nonfinite
+
+    x = torch.randn(64, 8)
+    if bad == "both infinities":  # their sum is NaN
+        x[3, 1], x[40, 7] = float("inf"), float("-inf")
+    else:
+        x[17, 5] = float(bad)
+    assert _holds_nonfinite(x, current_comm())
+    assert not _holds_nonfinite(torch.randn(64, 8), current_comm())
+
+
+def test_batch_check_overflowing_sum_of_finite_entries_is_not_an_error():
+    from adaptive_sae.distributed import current_comm
+    from adaptive_sae.trainer import _holds_nonfinite
+
+    x = torch.full((64, 8), 3e38)  # finite, but their float32 sum is inf
+    assert not bool(torch.isfinite(x.sum()))
+    assert not _holds_nonfinite(x, current_comm())
+
+
 def test_nan_loss_stops(tmp_path):
     # unscaled inputs of norm ~1e25: squared errors overflow float32, the loss becomes inf
     cfg = asae.SAEConfig(d_in=16, n_features=64, rule="topk", k=4, input_scaling="none")

@@ -6,10 +6,10 @@ sizes (d=64, F=512, B=1024), and per feature over tokens (Feature Choice) more, 
 transposed copy of P. Both kernels read P once in its own (token-major) layout and bound each
 top-k from below by group maxima, so that only a few entries are ranked:
 
-* ``row_topk_columns(P, k)``: per row, the maxima of G = min(F, 8k) strided column groups; t =
-  their k-th largest is at most the row's k-th largest (k groups each hold an entry ≥ t). Only
-  the groups whose maximum reaches t are scanned for candidates ≥ t, and the top k of those
-  are ranked.
+* ``row_topk_columns(P, k)``: per row, the maxima of G = min(F, max(64, 8k)) strided column
+  groups (lanes); t = their k-th largest is at most the row's k-th largest (k lanes each hold an
+  entry ≥ t). Only the lanes whose maximum reaches t are scanned for candidates ≥ t, and those
+  are ranked by counting, without branches (or by insertion, when there are many).
 * ``top_k_at_least(x, K, t, cap)``: Mutual Choice's top K of the whole batch among the entries
   ≥ a threshold t (the previous step's): two counting passes, one gathering pass, then one
   partition of the candidates.
@@ -34,7 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-_ROW_GROUPS_PER_K = 8  # per-token top-k: G = min(F, 8k) column groups
+_ROW_GROUPS_PER_K = 8  # per-token top-k: G = min(F, max(64, 8k)) column groups (lanes)
+_MIN_LANES = 64  # fewer lanes than this and the maxima pass no longer vectorises
 _COL_GROUPS = 128  # per-feature top-m: G = min(B, 128) token groups ...
 _RANK_BY_INSERTION = 32  # up to this many winners a list is ranked by insertion, else partitioned
 use_kernels = os.environ.get("ADAPTIVE_SAE_KERNELS", "1") != "0"
@@ -91,12 +92,39 @@ def _top_by_partition(x, m, scratch, out, start):  # pragma: no cover - compiled
     return True
 
 
+def _rank_into(vals, ids, n, k, out_ids):  # pragma: no cover - compiled
+    """The ids of the k best of n (value descending, then id ascending) into out_ids, in
+    their input order, by counting for each how many beat it: O(n²) without a branch to
+    mispredict, which for n ≤ 64 costs less than ranking by insertion."""
+    q = 0
+    for p in range(n):
+        v = vals[p]
+        i = ids[p]
+        r = 0
+        for u in range(n):
+            r += (vals[u] > v) | ((vals[u] == v) & (ids[u] < i))
+        out_ids[q] = i
+        q += r < k
+
+
+def _best_by_insertion(vals, ids, n, k, tv, tc, none):  # pragma: no cover - compiled
+    """The ids of the k best of n into tc (value descending, ids ascending among equals)."""
+    for j in range(k):
+        tv[j] = -np.inf
+        tc[j] = none
+    for p in range(n):
+        if vals[p] > tv[k - 1] or (vals[p] == tv[k - 1] and ids[p] < tc[k - 1]):
+            _insert_desc(tv, tc, k, vals[p], ids[p])
+
+
 def _row_topk(P, k, G, out):  # pragma: no cover - compiled
     B, F = P.shape
     gm = np.empty(G, P.dtype)
     acc = np.empty(G, P.dtype)
-    bound = np.empty(k, P.dtype)
-    bound_id = np.empty(k, np.int64)
+    lv = np.empty(G, P.dtype)
+    li = np.empty(G, np.int64)
+    cv = np.empty(F, P.dtype)
+    ci = np.empty(F, np.int64)
     tv = np.empty(k, P.dtype)
     tc = np.empty(k, np.int64)
     scratch = np.empty(F, P.dtype)
@@ -107,36 +135,67 @@ def _row_topk(P, k, G, out):  # pragma: no cover - compiled
             if not _top_by_partition(row, k, scratch, flat, b * k):
                 return False
             continue
-        for j in range(G):  # acc: sums per group, so NaN (or inf - inf) shows in one pass
+        # lane maxima gm[j] = max of row[j::G] (a loop that vectorises), and sums, so that NaN
+        # (or inf - inf) shows in the same pass
+        for j in range(G):
             gm[j] = row[j]
             acc[j] = row[j]
         o = G
-        while o < F:
-            for j in range(min(G, F - o)):
+        while o + G <= F:
+            for j in range(G):
                 v = row[o + j]
                 acc[j] += v
-                if v > gm[j]:
-                    gm[j] = v
+                gm[j] = v if v > gm[j] else gm[j]
             o += G
-        if np.isnan(acc.sum()):  # the caller falls back to torch.topk
+        for j in range(F - o):
+            v = row[o + j]
+            acc[j] += v
+            gm[j] = v if v > gm[j] else gm[j]
+        s = 0.0
+        for j in range(G):
+            s += acc[j]
+        if s != s:  # the caller falls back to torch.topk
             return False
-        for j in range(k):
-            bound[j] = -np.inf
-            bound_id[j] = G
+        # a first bound: the least of k maxima over strided sets of lanes (k lanes reach it)
+        t = np.inf
+        for r in range(k):
+            m = gm[r]
+            q = r + k
+            while q < G:
+                m = gm[q] if gm[q] > m else m
+                q += k
+            t = m if m < t else t
+        nl = 0  # the lanes reaching it; the k-th largest of their maxima is the tight bound
         for j in range(G):
-            if gm[j] >= bound[k - 1]:
-                _insert_desc(bound, bound_id, k, gm[j], j)
-        t = bound[k - 1]
-        for j in range(k):
-            tv[j] = -np.inf
-            tc[j] = F
-        for j in range(G):
+            lv[nl] = gm[j]
+            li[nl] = j
+            nl += gm[j] >= t
+        if nl > 64:
+            _best_by_insertion(lv, li, nl, k, tv, tc, G)
+            t = tv[k - 1]
+        elif nl > k:
+            for p in range(nl):
+                v = lv[p]
+                c = 0
+                for u in range(nl):
+                    c += lv[u] >= v
+                if c >= k and v > t:
+                    t = v
+        n = 0  # every entry >= t, from the lanes reaching it
+        for p in range(nl):
+            j = li[p]
             if gm[j] >= t:
                 f = j
                 while f < F:
-                    if row[f] >= t and row[f] >= tv[k - 1]:
-                        _insert_desc(tv, tc, k, row[f], f)
+                    v = row[f]
+                    cv[n] = v
+                    ci[n] = f
+                    n += v >= t
                     f += G
+        if n <= 64:
+            _rank_into(cv, ci, n, k, tc)
+        else:
+            _best_by_insertion(cv, ci, n, k, tv, tc, F)
         _sort_small(tc, k)
         for j in range(k):
             out[b, j] = tc[j]
@@ -301,7 +360,13 @@ def _kernels() -> dict | None:
                 return numba.njit(cache=False, nogil=True, boundscheck=False)(fn)
 
         g = globals()  # the kernels' callees, compiled first
-        for name in ("_insert_desc", "_sort_small", "_top_by_partition"):
+        for name in (
+            "_insert_desc",
+            "_sort_small",
+            "_top_by_partition",
+            "_rank_into",
+            "_best_by_insertion",
+        ):
             g[name] = jit(g[name])
         _compiled = {
             "row": jit(_row_topk),
@@ -343,7 +408,9 @@ def row_topk_columns(P: Tensor, k: int) -> Tensor:
     kern = _kernels_for(P)
     if kern is not None and k > 0:
         out = torch.empty(B, k, dtype=torch.int64)
-        if kern["row"](P.numpy(), int(k), min(F, _ROW_GROUPS_PER_K * int(k)), out.numpy()):
+        if kern["row"](
+            P.numpy(), int(k), min(F, max(_MIN_LANES, _ROW_GROUPS_PER_K * int(k))), out.numpy()
+        ):
             return out
     return P.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
 

@@ -45,7 +45,14 @@ from torch.optim.adam import adam as _functional_adam
 from . import checkpoints, io
 from .config import ConfigError, SAEConfig, TrainConfig
 from .sparse_ops import Workspace, affinities, stacked_reconstruct, values_at
-from .trainer import NonFiniteError, Trainer, TrainRun, _checked, batch_stream
+from .trainer import (
+    NonFiniteError,
+    Trainer,
+    TrainRun,
+    _checked,
+    _holds_nonfinite,
+    batch_stream,
+)
 
 MANIFEST = "grid.json"
 
@@ -258,7 +265,7 @@ class GridTrainer:
         for x in xs:
             if id(x) not in ready:
                 ready[id(x)] = _checked(x, step, B, d).to(dev, torch.float32)
-                if not bool(torch.isfinite(ready[id(x)]).all()):
+                if _holds_nonfinite(ready[id(x)], self.trainers[0].comm):
                     self._fail(step, "the batch holds non-finite activations")
         xs = [ready[id(x)] for x in xs]
         state: list[Any] = [None] * n

@@ -4,7 +4,8 @@
     python bench/profile_step.py --rule mutual_choice --aux aux_k --device cuda
 
 Wraps the phases of the real training step (``Trainer.step``) with timers: the dense
-affinities, the selection, the sparse reconstruction, the auxiliary loss, the backward pass,
+affinities, the selection, the sparse reconstruction (on a CPU the loss kernel: reconstruction,
+NMSE and its gradient in one pass), the auxiliary loss, the backward pass,
 the decoder projection, gradient clipping, Adam, the decoder renormalisation, and the rest
 (losses, statistics, thresholds). Each is the median over the measured steps; the dense product
 is timed before every step in the same process, as in bench_step.py.
@@ -70,6 +71,9 @@ def main(argv=None) -> int:
     rule_cls = type(get_rule(a.rule))
     rule_cls.select = timer("selection", rule_cls.select)
     T.sparse_reconstruct = timer("sparse reconstruction (forward)", T.sparse_reconstruct)
+    import adaptive_sae.loss_kernel as L  # on a CPU: reconstruction, NMSE and its gradient
+
+    L.nmse_and_grads = timer("loss kernel (reconstruction, NMSE, gradient)", L.nmse_and_grads)
     T.Trainer._aux = timer("auxiliary loss (forward)", T.Trainer._aux)
     torch.Tensor.backward = timer("backward", torch.Tensor.backward)
     S.SparseAutoencoder.remove_parallel_grad = timer(

@@ -54,10 +54,14 @@ def _assert_same_run(grid_run, alone_run, exact: bool) -> None:
         )
 
 
+@pytest.mark.parametrize("loss_kernel", [True, False], ids=["loss_kernel", "autograd"])
 @pytest.mark.parametrize("aux", ["none", "aux_k", "aux_zipf", "aux_zipf_topk"])
-def test_every_rule_in_one_grid_trains_as_alone(aux):
+def test_every_rule_in_one_grid_trains_as_alone(aux, loss_kernel, monkeypatch):
     """Every rule at two widths, two seeds (own shuffles of the tensor) and two learning rates
-    in one grid; each member equals ``train`` of it alone."""
+    in one grid; each member equals ``train`` of it alone. With the loss kernel (a CPU's
+    path) and without it (the stacked autograd path an accelerator takes)."""
+    if not loss_kernel:
+        monkeypatch.setattr(asae.Trainer, "_loss_kernel_applies", lambda self: False)
     x = _data()
     members = [
         _member(r, F=64 if i % 2 else 96, seed=i % 2, aux=aux, lr=1e-3 if i % 3 else 3e-3)

@@ -325,8 +325,9 @@ def test_trainer_step_and_fit_equal_train():
 )
 @pytest.mark.parametrize("aux", ["none", "aux_k", "aux_zipf", "aux_zipf_topk"])
 def test_training_equals_training_with_the_oracle_forward(rule, aux, monkeypatch):
-    """The sparse kernel, the fast selections and the one aux loss train exactly as dense
-    autograd on the oracles' selections (``oracles.trainer_forward`` / ``trainer_aux``)."""
+    """The sparse kernel (the loss kernel on a CPU), the fast selections and the one aux loss
+    train exactly as dense autograd on the oracles' selections (``oracles.trainer_forward`` /
+    ``trainer_aux``)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2048, 16, generator=g) @ torch.randn(16, 16, generator=g)
     cfg = asae.SAEConfig(d_in=16, n_features=64, rule=rule, k=4)
@@ -346,6 +347,7 @@ def test_training_equals_training_with_the_oracle_forward(rule, aux, monkeypatch
     with monkeypatch.context() as m:
         m.setattr(asae.Trainer, "_forward", oracles.trainer_forward)
         m.setattr(asae.Trainer, "_aux", oracles.trainer_aux)
+        m.setattr(asae.Trainer, "_loss_kernel_applies", lambda self: False)  # autograd
         oracle = asae.train(cfg, tcfg, x).history
     for col in ("loss", "nmse", "aux_loss", "l0_mean", "dead_pct", "underutilised_pct"):
         torch.testing.assert_close(

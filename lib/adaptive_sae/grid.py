@@ -76,10 +76,15 @@ class _Width:
             self.params[name] = stacked.requires_grad_(True)
 
         self.aux_leaves: list[tuple[int, SimpleNamespace]] = []
+        self.kernel_grads: dict[str, Tensor] | None = None  # the loss kernel's, this step
 
     def hand_out_grads(self) -> None:
-        """Each SAE's parameter gradients become views of the stacked gradients (auxiliary
-        losses' gradients, on leaves of their own, added in)."""
+        """Each SAE's parameter gradients become views of the stacked gradients (the loss
+        kernel's where it ran; auxiliary losses' gradients, on leaves of their own, added in)."""
+        if self.kernel_grads is not None:
+            for name, p in self.params.items():
+                p.grad = self.kernel_grads[name]
+            self.kernel_grads = None
         for j, leaves in self.aux_leaves:
             for name, p in self.params.items():
                 g = getattr(leaves, name).grad
@@ -291,7 +296,8 @@ class GridTrainer:
             w.zero_grad()
         for _, t in self.dense:
             t.opt.zero_grad(set_to_none=True)
-        total.backward()
+        if total.requires_grad:  # not when every loss's gradient came from the kernel
+            total.backward()
         for w in self.widths:
             w.hand_out_grads()
         norms = []
@@ -323,6 +329,9 @@ class GridTrainer:
         prm = w.params
         det = {k: v.detach() for k, v in prm.items()}
         w.aux_leaves = []
+        if w.slots[0][1]._loss_kernel_applies():  # device and precision are the grid's
+            yield from self._forward_width_by_kernel(w, xs, det)
+            return
         per = []
         for j, (i, t) in enumerate(w.slots):
             x_s, lr = t._begin(xs[i], checked=True)
@@ -358,6 +367,24 @@ class GridTrainer:
                 loss, recon, aux = t._losses(x_s, x_hat, P, None, leaves)
                 matched = t._observe(P, idx)
             yield i, (x_s, x_hat, matched, loss, recon, aux, lr)
+
+    def _forward_width_by_kernel(self, w: _Width, xs: list[Tensor], det: dict[str, Tensor]):
+        """As ``_forward_width``, each SAE's reconstruction loss and its gradient by the loss
+        kernel (as its lone run's step), written into the width's stacked gradients."""
+        w.kernel_grads = {k: torch.empty_like(v) for k, v in det.items()}
+        for j, (i, t) in enumerate(w.slots):
+            x_s, lr = t._begin(xs[i], checked=True)
+            has_aux = t.tcfg.aux_loss != "none"
+            ws = t._ws
+            if not has_aux:  # the shared buffers, with this SAE's own selection hints
+                ws, ws.hints = self._ws, t._ws.hints
+            leaves = None
+            if has_aux:  # the auxiliary loss on leaves of its own, added to the stacked gradient
+                leaves = SimpleNamespace(**{n: v[j].requires_grad_(True) for n, v in det.items()})
+                w.aux_leaves.append((j, leaves))
+            out = {k: v[j] for k, v in w.kernel_grads.items()}
+            x_hat, P, idx, loss, recon, aux, _ = t._forward_by_kernel(x_s, leaves, ws, out)
+            yield i, (x_s, x_hat, t._observe(P, idx), loss, recon, aux, lr)
 
     # -- checkpoints --
     def _manifest(self) -> dict[str, Any]:

@@ -343,22 +343,36 @@ def _top_at_least(x, K, t, cap, out):  # pragma: no cover - compiled
     return ge
 
 
+def jit(fn, fastmath: bool = False):
+    """``fn`` compiled by numba (cached beside this package; in every process where the cache
+    location is not writable). Only call when numba imports (``numba_available``). fastmath
+    lets sums be reordered (and vectorised): for dot products, never for a selection."""
+    import numba
+
+    opts = {"nogil": True, "boundscheck": False, "fastmath": fastmath}
+    try:
+        return numba.njit(cache=True, **opts)(fn)
+    except RuntimeError:  # no writable cache location: compile in every process
+        return numba.njit(cache=False, **opts)(fn)
+
+
+def numba_available() -> bool:
+    """Whether numba imports (a dependency; without it the torch paths do all the work)."""
+    global use_kernels
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        use_kernels = False
+        return False
+    return True
+
+
 def _kernels() -> dict | None:
     """The compiled kernels (compiled, or loaded from numba's cache, on first use)."""
-    global _compiled, use_kernels
+    global _compiled
     if _compiled is None:
-        try:
-            import numba
-        except ImportError:  # a dependency; without it the torch paths do the work
-            use_kernels = False
+        if not numba_available():
             return None
-
-        def jit(fn):
-            try:
-                return numba.njit(cache=True, nogil=True, boundscheck=False)(fn)
-            except RuntimeError:  # no writable cache location: compile in every process
-                return numba.njit(cache=False, nogil=True, boundscheck=False)(fn)
-
         g = globals()  # the kernels' callees, compiled first
         for name in (
             "_insert_desc",

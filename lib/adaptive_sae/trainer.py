@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from . import checkpoints, losses
+from . import checkpoints, loss_kernel, losses
 from .config import (
     ConfigError,
     SAEConfig,
@@ -279,6 +279,33 @@ class Trainer:
         codes = P_grad.relu() * mask
         return codes @ sae.W_dec + sae.b_dec, P, idx, codes
 
+    def _loss_kernel_applies(self) -> bool:
+        """Whether the reconstruction loss and its gradient come from ``loss_kernel`` (a sparse
+        rule in one process on a CPU in full precision, kernels on), not autograd."""
+        return (
+            self.rule.sparse
+            and self.comm.world == 1
+            and not self.tcfg.autocast_bf16
+            and self.device.type == "cpu"
+            and loss_kernel.applies(self.sae.W_enc)
+        )
+
+    def _forward_by_kernel(self, x_s: Tensor, sae=None, ws=None, out=None):
+        """The sparse forward with the kernel's loss: (x̂, P, matches, loss, NMSE, aux loss,
+        the NMSE's gradients by parameter name, written into ``out`` where given). The
+        auxiliary loss keeps its autograd path (on ``sae``'s parameters: in a grid, leaves
+        standing for this SAE's slice of the stacked ones)."""
+        own, ws = self.sae, ws or self._ws
+        P = affinities(x_s, own.W_enc, own.b_enc, own.b_dec, ws)
+        idx = self.rule.select_global(own, P, ws, self.comm)
+        x_hat, recon, grads = loss_kernel.nmse_and_grads(
+            x_s, P, idx, own.W_enc, own.W_dec, own.b_dec, out=out
+        )
+        e = x_s - x_hat
+        aux = self._aux(e, P, x_s) if sae is None else self._aux(e, P, x_s, sae)
+        loss = recon + self.tcfg.aux_coef * aux if self.tcfg.aux_loss != "none" else recon
+        return x_hat, P, idx, loss, recon, aux, grads
+
     def _aux(self, e: Tensor, P: Tensor, x_s: Tensor, sae=None) -> Tensor:
         tcfg, stats = self.tcfg, self.stats
         if tcfg.aux_loss == "none":
@@ -311,16 +338,24 @@ class Trainer:
         if deferred:
             self._open_window(x)
         x_s, lr = self._begin(x)
-        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.tcfg.autocast_bf16):
-            x_hat, P, idx, codes = self._forward(x_s)
-            x_hat = x_hat.float()
-            loss, recon, aux = self._losses(x_s, x_hat, P, codes)
+        grads = None
+        if self._loss_kernel_applies():
+            x_hat, P, idx, loss, recon, aux, grads = self._forward_by_kernel(x_s)
+        else:
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.tcfg.autocast_bf16):
+                x_hat, P, idx, codes = self._forward(x_s)
+                x_hat = x_hat.float()
+                loss, recon, aux = self._losses(x_s, x_hat, P, codes)
         if deferred:
             self._flag(1, ~torch.isfinite(loss))
         elif self.comm.world == 1 and not bool(torch.isfinite(loss)):
             self._fail(self.steps_done, f"the loss is {loss.item()}")
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if grads is not None:  # the reconstruction's gradient, computed by the kernel
+            for name, g in grads.items():
+                getattr(self.sae, name).grad = g
+        if loss.requires_grad:  # (with the kernel: the auxiliary loss's, added to it)
+            loss.backward()
         if self.comm.world > 1:
             self._all_reduce_grads()
         self.sae.remove_parallel_grad()

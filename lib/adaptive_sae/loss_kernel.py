@@ -1,0 +1,175 @@
+r"""The reconstruction loss of a sparse step and its gradient in one compiled pass (CPU, numba).
+
+At the suite's own sizes (d=64, F=512, B=1024) the sparse reconstruction, the normalised MSE
+and their backward through autograd (``sparse_ops.sparse_reconstruct``) run some 40 small
+PyTorch operations, about three dense products of time for K·d = 0.5 M multiply-adds. Their
+gradient has a closed form (``sparse_ops``' module docstring), which one kernel computes:
+
+    x̂_b = b_dec + Σ_{i: b_i = b} v_i W_dec[f_i],   v_i = ReLU(P[b_i, f_i])
+    L = Σ ‖x_s − x̂‖² / Σ ‖x_s − x̄‖²                 (``losses.normalized_mse``)
+    ∂L/∂x̂ = −2 (x_s − x̂) / Σ ‖x_s − x̄‖²,   then ∂W_dec, ∂W_enc, ∂b_enc, ∂b_dec as there.
+
+The sums run in another order than torch's, so the result equals the autograd path's to float
+tolerance, not bit for bit (``tests/test_loss_kernel.py`` checks it against the dense
+autograd oracle). It applies to a sparse rule's main loss on a CPU in float32 or float64, in
+one process, without autocast; the auxiliary losses keep their autograd path and add their
+gradients to these. ``ADAPTIVE_SAE_KERNELS=0`` turns it off with the selection kernels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import selection_kernels
+
+_compiled = None
+
+
+def _dot(a, b):  # pragma: no cover - compiled (with fastmath: the sum vectorises)
+    s = a[0] * 0
+    for j in range(a.shape[0]):
+        s += a[j] * b[j]
+    return s
+
+
+def _row_of(flat, r, F):  # pragma: no cover - compiled
+    """flat // F, from the previous entry's row r: without a division while entries ascend."""
+    if flat < r * F or flat >= (r + 2) * F:
+        return flat // F
+    return r + 1 if flat >= (r + 1) * F else r
+
+
+def _nmse_grads(x, P, idx, W_dec, b_dec, x_hat, gx, gWencT, gb_enc, gW_dec, gb_dec, eps):
+    # pragma: no cover - compiled
+    B, d = x.shape
+    F = W_dec.shape[0]
+    for b in range(B):
+        for j in range(d):
+            x_hat[b, j] = b_dec[j]
+    r = 0
+    for i in range(idx.shape[0]):
+        r = _row_of(idx[i], r, F)
+        c = idx[i] - r * F
+        v = P[r, c]
+        if not v <= 0:  # NaN included: it must reach the loss, whose check stops training
+            for j in range(d):
+                x_hat[r, j] += v * W_dec[c, j]
+    # per-column sums in float64 (a loop over columns vectorises; one accumulator would not)
+    mean = np.zeros(d, np.float64)
+    for b in range(B):
+        for j in range(d):
+            mean[j] += x[b, j]
+    for j in range(d):
+        mean[j] /= B
+    var_j = np.zeros(d, np.float64)
+    err_j = np.zeros(d, np.float64)
+    for b in range(B):
+        for j in range(d):
+            dv = x[b, j] - mean[j]
+            var_j[j] += dv * dv
+            e = np.float64(x[b, j] - x_hat[b, j])
+            err_j[j] += e * e
+    var = max(var_j.sum(), eps)
+    err = err_j.sum()
+    scale = x.dtype.type(-2.0 / var)
+    for j in range(d):
+        gb_dec[j] = 0.0
+    for b in range(B):
+        for j in range(d):
+            g = scale * (x[b, j] - x_hat[b, j])
+            gx[b, j] = g
+            gb_dec[j] += g
+    for f in range(F):
+        gb_enc[f] = 0.0
+        for j in range(d):
+            gW_dec[f, j] = 0.0
+            gWencT[f, j] = 0.0
+    r = 0
+    for i in range(idx.shape[0]):
+        r = _row_of(idx[i], r, F)
+        c = idx[i] - r * F
+        v = P[r, c]
+        if not v <= 0:  # an inactive entry (P <= 0) has value 0 and no gradient
+            g = _dot(gx[r], W_dec[c])
+            gb_enc[c] += g
+            for j in range(d):
+                gW_dec[c, j] += v * gx[r, j]
+                gWencT[c, j] += g * (x[r, j] - b_dec[j])
+    return err / var
+
+
+def _kernel():
+    global _compiled, _dot, _row_of
+    if _compiled is None and selection_kernels.numba_available():
+        _dot = selection_kernels.jit(_dot, fastmath=True)
+        _row_of = selection_kernels.jit(_row_of)
+        _compiled = selection_kernels.jit(_nmse_grads)
+    return _compiled
+
+
+def applies(W_enc: Tensor) -> bool:
+    """Whether the kernel takes an SAE with these weights: kernels on and numba present, a
+    CPU tensor in float32 or float64, no autocast (the affinities and batch are then too)."""
+    return (
+        selection_kernels.use_kernels
+        and W_enc.device.type == "cpu"
+        and W_enc.dtype in (torch.float32, torch.float64)
+        and not torch.is_autocast_enabled("cpu")
+        and selection_kernels.numba_available()
+    )
+
+
+@torch.no_grad()
+def nmse_and_grads(
+    x_s: Tensor,
+    P: Tensor,
+    flat_idx: Tensor,
+    W_enc: Tensor,
+    W_dec: Tensor,
+    b_dec: Tensor,
+    eps: float = 1e-12,
+    out: dict[str, Tensor] | None = None,
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """(x̂ (B, d), the normalised MSE (scalar), its gradients {"W_enc", "b_enc", "W_dec",
+    "b_dec"}) of the reconstruction from the entries ``flat_idx`` (b·F + f, any order) of the
+    affinities P (B, F); the gradients are written into ``out``'s tensors where given (a
+    grid's stacked gradients). Call where :func:`applies`."""
+    kern = _kernel()
+    if kern is None:
+        raise RuntimeError("the loss kernel needs numba; check applies() first")
+    B, d = x_s.shape
+    F = W_dec.shape[0]
+    dt = P.dtype
+    x = x_s.detach().to(dt).contiguous()
+    x_hat = torch.empty(B, d, dtype=dt)
+    gx = torch.empty(B, d, dtype=dt)
+    gWencT = torch.empty(F, d, dtype=dt)
+    g = out or {  # each gradient in its parameter's layout, as the fused optimiser expects
+        "W_enc": torch.empty_like(W_enc, dtype=dt),
+        "b_enc": torch.empty(F, dtype=dt),
+        "W_dec": torch.empty_like(W_dec, dtype=dt),
+        "b_dec": torch.empty(d, dtype=dt),
+    }
+    idx = flat_idx.to(torch.int64).contiguous()
+    recon = kern(
+        x.numpy(),
+        P.detach().numpy(),
+        idx.numpy(),
+        W_dec.detach().contiguous().numpy(),
+        b_dec.detach().contiguous().numpy(),
+        x_hat.numpy(),
+        gx.numpy(),
+        gWencT.numpy(),
+        g["b_enc"].numpy(),
+        g["W_dec"].numpy(),
+        g["b_dec"].numpy(),
+        float(eps),
+    )
+    g["b_dec"] -= W_enc.detach() @ g["b_enc"]
+    g["W_enc"].copy_(gWencT.t())
+    return x_hat, torch.tensor(recon, dtype=dt), g
+
+
+__all__ = ["applies", "nmse_and_grads"]

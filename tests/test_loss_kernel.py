@@ -1,0 +1,134 @@
+"""The compiled reconstruction loss and gradient (``adaptive_sae.loss_kernel``) against dense
+autograd (``oracles.reconstruct`` + ``oracles.nmse``), and training with it against training
+without it."""
+
+from __future__ import annotations
+
+import adaptive_sae as asae
+import pytest
+import torch
+from adaptive_sae import loss_kernel, selection_kernels
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from oracles import make_params, nmse, reconstruct
+
+pytest.importorskip("numba")
+NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+
+def _oracle(x, W_enc, b_enc, W_dec, b_dec, idx):
+    """(x̂, NMSE, gradients by name) by dense autograd."""
+    params = [p.detach().clone().requires_grad_() for p in (W_enc, b_enc, W_dec, b_dec)]
+    x_hat, _ = reconstruct(x.detach(), *params, idx)
+    loss = nmse(x.detach(), x_hat)
+    loss.backward()
+    return x_hat.detach(), loss.detach(), {n: p.grad for n, p in zip(NAMES, params)}
+
+
+def _kernel(x, W_enc, b_enc, W_dec, b_dec, idx):
+    P = ((x - b_dec) @ W_enc + b_enc).detach().contiguous()
+    return loss_kernel.nmse_and_grads(x, P, idx, W_enc.detach(), W_dec.detach(), b_dec.detach())
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    B=st.integers(2, 40),
+    d=st.integers(1, 20),
+    F=st.integers(1, 50),
+    share=st.floats(0.0, 1.0),
+    shuffled=st.booleans(),
+    column_major=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_loss_and_gradients_equal_dense_autograd(
+    B, d, F, share, shuffled, column_major, dtype, seed
+):
+    """Any selection (empty to all entries, ascending or shuffled, with inactive entries P <= 0:
+    b_enc < 0 in make_params), any d, both dtypes; W_enc row- or column-major (an SAE's is a
+    transposed copy of W_dec), its gradient in the same layout (the fused Adam needs it)."""
+    x, W_enc, b_enc, W_dec, b_dec = make_params(B, d, F, dtype, seed)
+    if column_major:
+        W_enc = W_enc.detach().t().contiguous().t().requires_grad_()
+    g = torch.Generator().manual_seed(seed)
+    idx = (torch.rand(B * F, generator=g) < share).nonzero().squeeze(1)
+    if shuffled:
+        idx = idx[torch.randperm(idx.numel(), generator=g)]
+    want_x_hat, want_loss, want = _oracle(x, W_enc, b_enc, W_dec, b_dec, idx)
+    x_hat, loss, got = _kernel(x, W_enc, b_enc, W_dec, b_dec, idx)
+    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-9, "atol": 1e-11}
+    torch.testing.assert_close(x_hat, want_x_hat, **tol)
+    torch.testing.assert_close(loss, want_loss, **tol)
+    assert got["W_enc"].stride() == W_enc.stride()
+    for name in NAMES:
+        torch.testing.assert_close(got[name], want[name], **tol)
+
+
+def test_exact_small_case():
+    """B=2, d=1, F=2: x = (1, 3), one active entry per token and one inactive one.
+
+    x̂ = b_dec + v·W_dec = (0 + 2·1, 0) → errors (-1, 3), Σe² = 10, Σ(x − x̄)² = 2, NMSE = 5;
+    ∂L/∂x̂ = −2e/2 = (1, −3); ∂b_dec = Σ ∂L/∂x̂ − W_enc·∂b_enc."""
+    x = torch.tensor([[1.0], [3.0]])
+    W_enc = torch.tensor([[1.0, 1.0]])
+    W_dec = torch.tensor([[1.0], [0.5]])
+    b_dec = torch.zeros(1)
+    P = torch.tensor([[2.0, 5.0], [-1.0, 0.5]])
+    idx = torch.tensor([0, 2])  # token 0: feature 0 (P = 2); token 1: feature 0 (P = -1)
+    x_hat, loss, g = loss_kernel.nmse_and_grads(x, P, idx, W_enc, W_dec, b_dec)
+    assert x_hat.tolist() == [[2.0], [0.0]]
+    assert float(loss) == 5.0
+    # feature 0: ∂L/∂v = ⟨(1), W_dec[0]⟩ = 1 at token 0; token 1 inactive
+    assert g["b_enc"].tolist() == [1.0, 0.0]
+    assert g["W_dec"].tolist() == [[2.0], [0.0]]  # v · ∂L/∂x̂ at token 0
+    assert g["W_enc"].tolist() == [[1.0, 0.0]]  # ∂b_enc · x at token 0
+    assert g["b_dec"].tolist() == [1.0 - 3.0 - 1.0]
+
+
+def test_nan_affinity_reaches_the_loss():
+    x, W_enc, b_enc, W_dec, b_dec = (p.detach() for p in make_params(8, 4, 6, torch.float32))
+    P = ((x - b_dec) @ W_enc + b_enc).contiguous()
+    P[3, 2] = float("nan")
+    idx = torch.arange(P.numel())
+    _, loss, _ = loss_kernel.nmse_and_grads(x, P, idx, W_enc, W_dec, b_dec)
+    assert torch.isnan(loss)
+
+
+def test_applies_only_where_it_can(monkeypatch):
+    W = torch.zeros(4, 8)
+    assert loss_kernel.applies(W)
+    assert not loss_kernel.applies(W.to(torch.bfloat16))
+    with torch.autocast("cpu", torch.bfloat16):
+        assert not loss_kernel.applies(W)
+    monkeypatch.setattr(selection_kernels, "use_kernels", False)
+    assert not loss_kernel.applies(W)
+
+
+@pytest.mark.parametrize("rule", ["topk", "mutual_choice", "feature_choice", "feature_choice_zipf"])
+@pytest.mark.parametrize("aux", ["none", "aux_k", "aux_zipf"])
+def test_training_with_the_loss_kernel_equals_autograd(rule, aux, monkeypatch):
+    """A whole run (the auxiliary losses' autograd gradients added to the kernel's) against the
+    same run through autograd: weights and history to float tolerance."""
+    data = torch.randn(128 * 12, 16, generator=torch.Generator().manual_seed(0))
+    cfg = asae.SAEConfig(d_in=16, n_features=64, rule=rule, k=4)
+    tcfg = asae.TrainConfig(
+        batch_size=128, total_tokens=128 * 10, seed=0, aux_loss=aux, log_every=1,
+        dead_window_tokens=128, zipf_refit_every=1, init_sample_tokens=128, gamma=1.0,
+    )  # fmt: skip
+    by_kernel = asae.train(cfg, tcfg, data)
+    with monkeypatch.context() as m:
+        m.setattr(asae.Trainer, "_loss_kernel_applies", lambda self: False)
+        by_autograd = asae.train(cfg, tcfg, data)
+    a, b = by_kernel.sae.state_dict(), by_autograd.sae.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, equal_nan=True)
+    for col in ("loss", "nmse", "aux_loss", "l0_mean", "dead_pct"):
+        torch.testing.assert_close(
+            torch.tensor(by_kernel.history[col].values),
+            torch.tensor(by_autograd.history[col].values),
+            rtol=1e-4,
+            atol=1e-6,
+        )
+    # the auxiliary loss took part (aux_k needs dead features; Feature Choice has none here)
+    if aux == "aux_zipf" or (aux == "aux_k" and rule in ("topk", "mutual_choice")):
+        assert (by_kernel.history["aux_loss"] > 0).any()

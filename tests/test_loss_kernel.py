@@ -95,13 +95,25 @@ def test_nan_affinity_reaches_the_loss():
 
 
 def test_applies_only_where_it_can(monkeypatch):
-    W = torch.zeros(4, 8)
-    assert loss_kernel.applies(W)
-    assert not loss_kernel.applies(W.to(torch.bfloat16))
+    W, small = torch.zeros(4, 8), 1000
+    assert loss_kernel.applies(W, small)
+    assert not loss_kernel.applies(W, loss_kernel.MAX_WORK + 1)  # torch's threads win there
+    assert not loss_kernel.applies(W.to(torch.bfloat16), small)
     with torch.autocast("cpu", torch.bfloat16):
-        assert not loss_kernel.applies(W)
+        assert not loss_kernel.applies(W, small)
     monkeypatch.setattr(selection_kernels, "use_kernels", False)
-    assert not loss_kernel.applies(W)
+    assert not loss_kernel.applies(W, small)
+
+
+def test_trainer_takes_it_for_small_steps_only():
+    small = asae.Trainer(asae.SAEConfig(d_in=64, n_features=512, k=8), asae.TrainConfig(1024))
+    assert small._loss_kernel_applies()  # K·d = 8 · 1024 · 64
+    big = asae.Trainer(asae.SAEConfig(d_in=256, n_features=512, k=32), asae.TrainConfig(4096))
+    assert not big._loss_kernel_applies()  # K·d = 32 · 4096 · 256
+    dense = asae.Trainer(
+        asae.SAEConfig(d_in=64, n_features=512, rule="relu_l1"), asae.TrainConfig(1024)
+    )
+    assert not dense._loss_kernel_applies()
 
 
 @pytest.mark.parametrize("rule", ["topk", "mutual_choice", "feature_choice", "feature_choice_zipf"])

@@ -329,7 +329,7 @@ class GridTrainer:
         prm = w.params
         det = {k: v.detach() for k, v in prm.items()}
         w.aux_leaves = []
-        if w.slots[0][1]._loss_kernel_applies():  # device and precision are the grid's
+        if all(t._loss_kernel_applies() for _, t in w.slots):
             yield from self._forward_width_by_kernel(w, xs, det)
             return
         per = []

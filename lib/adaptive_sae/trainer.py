@@ -281,13 +281,15 @@ class Trainer:
 
     def _loss_kernel_applies(self) -> bool:
         """Whether the reconstruction loss and its gradient come from ``loss_kernel`` (a sparse
-        rule in one process on a CPU in full precision, kernels on), not autograd."""
+        rule in one process on a CPU in full precision, kernels on, a small step), not
+        autograd."""
+        work = self.cfg.budget(self.local_batch_size) * self.cfg.d_in  # K·d
         return (
             self.rule.sparse
             and self.comm.world == 1
             and not self.tcfg.autocast_bf16
             and self.device.type == "cpu"
-            and loss_kernel.applies(self.sae.W_enc)
+            and loss_kernel.applies(self.sae.W_enc, work)
         )
 
     def _forward_by_kernel(self, x_s: Tensor, sae=None, ws=None, out=None):

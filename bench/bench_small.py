@@ -4,7 +4,7 @@
     python bench/bench_small.py --rules topk --B 1024 --json out.json
     python bench/bench_small.py --main                  # d=512 F=8192 k=32 B=4096, 2 threads
     python bench/bench_small.py --floor                 # + the primitives a step is made of
-    python bench/bench_small.py --kernels both          # per-row top-k: kernel and torch.topk
+    python bench/bench_small.py --kernels both          # with and without the compiled kernels
 
 The step time is that of the whole public ``train`` (statistics, thresholds, history included):
 two runs of different lengths on the same in-memory tensor, their wall-time difference divided
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
         "--kernels",
         default="on",
         choices=["on", "off", "both"],
-        help="per-row top-k by the compiled kernel, by torch.topk, or both side by side",
+        help="the compiled kernels (selections, loss) on, off (torch), or both side by side",
     )
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)

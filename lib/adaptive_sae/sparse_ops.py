@@ -17,7 +17,8 @@ so no dense B×F gradient and no second or third dense product is ever formed. T
 gradient against it for each rule and both auxiliary losses.
 
 When a selection is dense (e.g. the auxiliary loss's top-256 of 400 dead features), a dense
-product on the column subset beats any gather: ``subset_reconstruct``.
+product on the column subset beats any gather: ``subset_reconstruct``. On a CPU, for small
+steps, ``loss_kernel`` computes the main loss with the same gradients in one compiled pass.
 
 Every function is device-agnostic; under bf16 autocast the dense product runs in bf16 and the
 sparse parts in the weights' dtype.

@@ -80,7 +80,7 @@ def main(argv=None) -> int:
         "decoder gradient projection", S.SparseAutoencoder.remove_parallel_grad
     )
     torch.nn.utils.clip_grad_norm_ = timer("gradient clipping", torch.nn.utils.clip_grad_norm_)
-    torch.optim.Adam.step = timer("Adam", torch.optim.Adam.step)
+    T.adam_steps = timer("Adam", T.adam_steps)
     S.SparseAutoencoder.normalize_decoder = timer(
         "decoder renormalisation", S.SparseAutoencoder.normalize_decoder
     )

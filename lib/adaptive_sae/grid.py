@@ -40,7 +40,6 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
-from torch.optim.adam import adam as _functional_adam
 
 from . import checkpoints, io
 from .config import ConfigError, SAEConfig, TrainConfig
@@ -51,6 +50,7 @@ from .trainer import (
     TrainRun,
     _checked,
     _holds_nonfinite,
+    adam_steps,
     batch_stream,
 )
 
@@ -130,69 +130,6 @@ def _clip(t: Trainer) -> Tensor:
     if t.tcfg.grad_clip > 0:
         return torch.nn.utils.clip_grad_norm_(params, t.tcfg.grad_clip)
     return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
-
-
-@torch.no_grad()
-def _adam_steps(trainers: Sequence[Trainer]) -> None:
-    """Every SAE's Adam step (its own optimiser's state and settings), one fused call per
-    distinct (lr, betas, eps, weight decay): what each ``Adam(fused=True).step()`` computes."""
-    groups: dict[tuple, list[list[Tensor]]] = {}
-    for t in trainers:
-        for group in t.opt.param_groups:
-            beta1, beta2 = group["betas"]
-            key = (
-                float(group["lr"]),
-                float(beta1),
-                float(beta2),
-                float(group["eps"]),
-                float(group["weight_decay"]),
-                bool(group.get("decoupled_weight_decay", False)),
-                bool(group.get("amsgrad", False)),
-                bool(group.get("maximize", False)),
-            )
-            lists = groups.setdefault(key, [[], [], [], [], [], []])
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = t.opt.state[p]
-                if len(state) == 0:  # as Adam's lazy initialisation (fused: step on device)
-                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    if key[6]:
-                        state["max_exp_avg_sq"] = torch.zeros_like(p)
-                for lst, v in zip(
-                    lists,
-                    (
-                        p,
-                        p.grad,
-                        state["exp_avg"],
-                        state["exp_avg_sq"],
-                        state.get("max_exp_avg_sq"),
-                        state["step"],
-                    ),
-                ):
-                    if v is not None:
-                        lst.append(v)
-    for key, (params, grads, m, v, vmax, steps) in groups.items():
-        lr, beta1, beta2, eps, wd, decoupled, amsgrad, maximize = key
-        _functional_adam(
-            params,
-            grads,
-            m,
-            v,
-            vmax,
-            steps,
-            fused=True,
-            decoupled_weight_decay=decoupled,
-            amsgrad=amsgrad,
-            beta1=beta1,
-            beta2=beta2,
-            lr=lr,
-            weight_decay=wd,
-            eps=eps,
-            maximize=maximize,
-        )
 
 
 class GridTrainer:
@@ -311,7 +248,7 @@ class GridTrainer:
         if not bool(torch.isfinite(norms_).all()):
             bad = order[int((~torch.isfinite(norms_)).nonzero()[0, 0])]
             self._fail(step, f"SAE {bad}'s gradient is non-finite")
-        _adam_steps(self.trainers)
+        adam_steps(self.trainers)
         for w in self.widths:
             w.normalize_decoders()
         for _, t in self.dense:

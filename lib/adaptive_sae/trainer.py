@@ -15,7 +15,7 @@ import copy
 import itertools
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
+from torch.optim.adam import adam as _functional_adam
 
 from . import checkpoints, loss_kernel, losses
 from .config import (
@@ -145,6 +146,71 @@ def lr_at(step: int, n_steps: int, base: float, warmup: float, decay: float) -> 
 # ----- checkpoints ---------------------------------------------------------------------------
 def _latest_checkpoint(root: Path) -> Path:
     return checkpoints.latest_checkpoint(root)
+
+
+@torch.no_grad()
+def adam_steps(trainers: Sequence[Trainer]) -> None:
+    """Every SAE's Adam step (its own optimiser's state and settings), one fused call per
+    distinct (lr, betas, eps, weight decay): what each ``Adam(fused=True).step()`` computes,
+    without ``Optimizer.step``'s bookkeeping (a third of a small SAE's update). A lone trainer
+    calls it with itself, a grid with all its SAEs."""
+    groups: dict[tuple, list[list[Tensor]]] = {}
+    for t in trainers:
+        for group in t.opt.param_groups:
+            beta1, beta2 = group["betas"]
+            key = (
+                float(group["lr"]),
+                float(beta1),
+                float(beta2),
+                float(group["eps"]),
+                float(group["weight_decay"]),
+                bool(group.get("decoupled_weight_decay", False)),
+                bool(group.get("amsgrad", False)),
+                bool(group.get("maximize", False)),
+            )
+            lists = groups.setdefault(key, [[], [], [], [], [], []])
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = t.opt.state[p]
+                if len(state) == 0:  # as Adam's lazy initialisation (fused: step on device)
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    if key[6]:
+                        state["max_exp_avg_sq"] = torch.zeros_like(p)
+                for lst, v in zip(
+                    lists,
+                    (
+                        p,
+                        p.grad,
+                        state["exp_avg"],
+                        state["exp_avg_sq"],
+                        state.get("max_exp_avg_sq"),
+                        state["step"],
+                    ),
+                ):
+                    if v is not None:
+                        lst.append(v)
+    for key, (params, grads, m, v, vmax, steps) in groups.items():
+        lr, beta1, beta2, eps, wd, decoupled, amsgrad, maximize = key
+        _functional_adam(
+            params,
+            grads,
+            m,
+            v,
+            vmax,
+            steps,
+            fused=True,
+            decoupled_weight_decay=decoupled,
+            amsgrad=amsgrad,
+            beta1=beta1,
+            beta2=beta2,
+            lr=lr,
+            weight_decay=wd,
+            eps=eps,
+            maximize=maximize,
+        )
 
 
 class Trainer:
@@ -352,10 +418,11 @@ class Trainer:
             self._flag(1, ~torch.isfinite(loss))
         elif self.comm.world == 1 and not bool(torch.isfinite(loss)):
             self._fail(self.steps_done, f"the loss is {loss.item()}")
-        self.opt.zero_grad(set_to_none=True)
         if grads is not None:  # the reconstruction's gradient, computed by the kernel
             for name, g in grads.items():
                 getattr(self.sae, name).grad = g
+        else:
+            self.opt.zero_grad(set_to_none=True)
         if loss.requires_grad:  # (with the kernel: the auxiliary loss's, added to it)
             loss.backward()
         if self.comm.world > 1:
@@ -459,7 +526,7 @@ class Trainer:
             self._flag(2, ~torch.isfinite(gnorm))
         elif not bool(torch.isfinite(gnorm)):
             self._fail(self.steps_done, "the gradient is non-finite")
-        self.opt.step()
+        adam_steps([self])
 
     def _after(self, x_s, x_hat, P, idx, loss, recon, aux, lr) -> dict[str, float] | None:
         """Statistics and the rule's state from this step's selection, then :meth:`_finish`."""

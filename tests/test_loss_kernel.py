@@ -107,13 +107,13 @@ def test_applies_only_where_it_can(monkeypatch):
 
 def test_trainer_takes_it_for_small_steps_only():
     small = asae.Trainer(asae.SAEConfig(d_in=64, n_features=512, k=8), asae.TrainConfig(1024))
-    assert small._loss_kernel_applies()  # K·d = 8 · 1024 · 64
+    assert small._closed_form_applies()  # K·d = 8 · 1024 · 64
     big = asae.Trainer(asae.SAEConfig(d_in=256, n_features=512, k=32), asae.TrainConfig(4096))
-    assert not big._loss_kernel_applies()  # K·d = 32 · 4096 · 256
+    assert not big._closed_form_applies()  # K·d = 32 · 4096 · 256
     dense = asae.Trainer(
         asae.SAEConfig(d_in=64, n_features=512, rule="relu_l1"), asae.TrainConfig(1024)
     )
-    assert not dense._loss_kernel_applies()
+    assert dense._closed_form_applies()  # no kernel: dense products (tests/test_dense_grads.py)
 
 
 @pytest.mark.parametrize("rule", ["topk", "mutual_choice", "feature_choice", "feature_choice_zipf"])
@@ -129,7 +129,7 @@ def test_training_with_the_loss_kernel_equals_autograd(rule, aux, monkeypatch):
     )  # fmt: skip
     by_kernel = asae.train(cfg, tcfg, data)
     with monkeypatch.context() as m:
-        m.setattr(asae.Trainer, "_loss_kernel_applies", lambda self: False)
+        m.setattr(asae.Trainer, "_closed_form_applies", lambda self: False)
         by_autograd = asae.train(cfg, tcfg, data)
     a, b = by_kernel.sae.state_dict(), by_autograd.sae.state_dict()
     for k in a:

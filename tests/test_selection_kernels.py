@@ -161,7 +161,7 @@ def test_training_is_bit_identical_with_and_without_kernels(rule, aux, monkeypat
     kernel, which sums in another order, is off in both runs (``tests/test_loss_kernel.py``)."""
     import adaptive_sae as asae
 
-    monkeypatch.setattr(asae.Trainer, "_loss_kernel_applies", lambda self: False)
+    monkeypatch.setattr(asae.Trainer, "_closed_form_applies", lambda self: False)
     data = torch.randn(128 * 12, 16, generator=torch.Generator().manual_seed(0))
     runs = []
     for on in (True, False):

@@ -347,7 +347,7 @@ def test_training_equals_training_with_the_oracle_forward(rule, aux, monkeypatch
     with monkeypatch.context() as m:
         m.setattr(asae.Trainer, "_forward", oracles.trainer_forward)
         m.setattr(asae.Trainer, "_aux", oracles.trainer_aux)
-        m.setattr(asae.Trainer, "_loss_kernel_applies", lambda self: False)  # autograd
+        m.setattr(asae.Trainer, "_closed_form_applies", lambda self: False)  # autograd
         oracle = asae.train(cfg, tcfg, x).history
     for col in ("loss", "nmse", "aux_loss", "l0_mean", "dead_pct", "underutilised_pct"):
         torch.testing.assert_close(

@@ -217,11 +217,15 @@ class GridTrainer:
             for w in self.widths:
                 for i, out in self._forward_width(w, xs):
                     state[i] = out
+            dense_grads = {}  # the closed-form gradients of dense-code members, by member
             for i, t in self.dense:  # dense codes (ReLU+L1): as a lone run
                 x_s, lr = t._begin(xs[i], checked=True)
-                x_hat, P, idx, codes = t._forward(x_s)
-                x_hat = x_hat.float()
-                loss, recon, aux = t._losses(x_s, x_hat, P, codes)
+                if t._closed_form_applies():
+                    x_hat, P, idx, loss, recon, aux, dense_grads[i] = t._forward_closed_form(x_s)
+                else:
+                    x_hat, P, idx, codes = t._forward(x_s)
+                    x_hat = x_hat.float()
+                    loss, recon, aux = t._losses(x_s, x_hat, P, codes)
                 state[i] = (x_s, x_hat, t._observe(P, idx), loss, recon, aux, lr)
         for s in state:
             total = s[3] if total is None else total + s[3]
@@ -231,9 +235,11 @@ class GridTrainer:
             self._fail(step, f"SAE {bad}'s loss is {losses_[bad].item()}")
         for w in self.widths:
             w.zero_grad()
-        for _, t in self.dense:
+        for i, t in self.dense:
             t.opt.zero_grad(set_to_none=True)
-        if total.requires_grad:  # not when every loss's gradient came from the kernel
+            for name, g in dense_grads.get(i, {}).items():
+                getattr(t.sae, name).grad = g
+        if total.requires_grad:  # not when every gradient came in closed form
             total.backward()
         for w in self.widths:
             w.hand_out_grads()
@@ -266,7 +272,7 @@ class GridTrainer:
         prm = w.params
         det = {k: v.detach() for k, v in prm.items()}
         w.aux_leaves = []
-        if all(t._loss_kernel_applies() for _, t in w.slots):
+        if all(t._closed_form_applies() for _, t in w.slots):
             yield from self._forward_width_by_kernel(w, xs, det)
             return
         per = []
@@ -320,7 +326,7 @@ class GridTrainer:
                 leaves = SimpleNamespace(**{n: v[j].requires_grad_(True) for n, v in det.items()})
                 w.aux_leaves.append((j, leaves))
             out = {k: v[j] for k, v in w.kernel_grads.items()}
-            x_hat, P, idx, loss, recon, aux, _ = t._forward_by_kernel(x_s, leaves, ws, out)
+            x_hat, P, idx, loss, recon, aux, _ = t._forward_closed_form(x_s, leaves, ws, out)
             yield i, (x_s, x_hat, t._observe(P, idx), loss, recon, aux, lr)
 
     # -- checkpoints --

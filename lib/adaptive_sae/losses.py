@@ -45,9 +45,27 @@ def normalized_mse(x: Tensor, x_hat: Tensor) -> Tensor:
     return err / var.clamp_min(_EPS)
 
 
+@torch.no_grad()
+def normalized_mse_and_grad(x: Tensor, x_hat: Tensor) -> tuple[Tensor, Tensor]:
+    """(``normalized_mse(x, x_hat)``, its gradient with respect to x_hat: −2 (x − x̂) / Σ‖x − x̄‖²)."""
+    var = (x - x.mean(0, keepdim=True)).pow(2).sum().clamp_min(_EPS)
+    e = x - x_hat
+    return e.pow(2).sum() / var, e.mul(-2.0 / var)
+
+
 def l1_penalty(codes: Tensor, W_dec: Tensor) -> Tensor:
     """Mean over tokens of Σ_j z_j·‖W_dec,j‖ (the ReLU+L1 baseline's sparsity term)."""
     return (codes * W_dec.norm(dim=1)).sum(-1).mean()
+
+
+@torch.no_grad()
+def l1_penalty_and_grads(codes: Tensor, W_dec: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(``l1_penalty``, its gradient with respect to codes as an (F,) row every token shares,
+    with respect to W_dec): ‖W_dec,j‖ / B and (Σ_b z_bj / B) · W_dec,j / ‖W_dec,j‖."""
+    B = codes.shape[0]
+    norms = W_dec.norm(dim=1)
+    col = codes.sum(0)
+    return (col * norms).sum() / B, norms / B, W_dec * (col / (B * norms)).unsqueeze(1)
 
 
 def deficit_capacities(deficits: Tensor, batch_size: int) -> Tensor:
@@ -175,7 +193,9 @@ def aux_zipf_loss(
 
 __all__ = [
     "normalized_mse",
+    "normalized_mse_and_grad",
     "l1_penalty",
+    "l1_penalty_and_grads",
     "deficit_capacities",
     "aux_selection",
     "aux_loss",

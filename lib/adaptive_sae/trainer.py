@@ -132,6 +132,14 @@ def _holds_nonfinite(x: Tensor, comm) -> bool:
     return bool(comm.sum_(bad) > 0)
 
 
+def _in_layout_of(param: Tensor, grad: Tensor) -> Tensor:
+    """``grad`` with ``param``'s strides (the fused Adam updates parameter and gradient
+    element by element in memory order; an SAE's W_enc is column-major)."""
+    if grad.stride() == param.stride():
+        return grad
+    return torch.empty_like(param).copy_(grad)
+
+
 # ----- schedule ------------------------------------------------------------------------------
 def lr_at(step: int, n_steps: int, base: float, warmup: float, decay: float) -> float:
     """Linear warm-up over the first warmup fraction, linear decay over the last decay fraction."""
@@ -332,47 +340,86 @@ class Trainer:
             return x_hat.x_hat, P, idx, None
         P_grad = sae.pre_acts(x_s)
         P = P_grad.detach()
-        mask = self.rule.select_mask(sae, P)
-        if mask is None:
-            idx = self.rule.select_global(sae, P, self._ws, self.comm)
-            mask = torch.zeros(P.numel(), dtype=torch.bool, device=P.device)
-            mask[idx] = True
-            mask = mask.view(P.shape)
-        elif int(mask.count_nonzero()) * DENSE_MASK_SHARE > mask.numel():
-            idx = mask  # most entries match (early in training): statistics read the mask
-        else:  # few match: their indices cost less than passes over the mask
-            idx = mask.reshape(-1).nonzero().squeeze(1)
-        codes = P_grad.relu() * mask
+        mask, idx = self._dense_matches(P)
+        codes = P_grad.relu() * mask.to(P.dtype)  # a float mask: a bool one costs 10x here
         return codes @ sae.W_dec + sae.b_dec, P, idx, codes
 
-    def _loss_kernel_applies(self) -> bool:
-        """Whether the reconstruction loss and its gradient come from ``loss_kernel`` (a sparse
-        rule in one process on a CPU in full precision, kernels on, a small step), not
-        autograd."""
-        work = self.cfg.budget(self.local_batch_size) * self.cfg.d_in  # K·d
-        return (
-            self.rule.sparse
-            and self.comm.world == 1
-            and not self.tcfg.autocast_bf16
-            and self.device.type == "cpu"
-            and loss_kernel.applies(self.sae.W_enc, work)
-        )
+    def _dense_matches(self, P: Tensor) -> tuple[Tensor, Tensor]:
+        """A dense-code rule's selection: (mask (B, F), what the statistics read: the mask
+        while most entries match, else their flat indices)."""
+        mask = self.rule.select_mask(self.sae, P)
+        if mask is None:
+            idx = self.rule.select_global(self.sae, P, self._ws, self.comm)
+            mask = torch.zeros(P.numel(), dtype=torch.bool, device=P.device)
+            mask[idx] = True
+            return mask.view(P.shape), idx
+        if int(mask.count_nonzero()) * DENSE_MASK_SHARE > mask.numel():
+            return mask, mask  # most entries match (early in training)
+        return mask, mask.reshape(-1).nonzero().squeeze(1)  # few: indices cost less
 
-    def _forward_by_kernel(self, x_s: Tensor, sae=None, ws=None, out=None):
-        """The sparse forward with the kernel's loss: (x̂, P, matches, loss, NMSE, aux loss,
-        the NMSE's gradients by parameter name, written into ``out`` where given). The
+    def _closed_form_applies(self) -> bool:
+        """Whether the step takes its main loss's gradient in closed form, not from autograd
+        (one process, full precision): a sparse rule's from ``loss_kernel`` (on a CPU, a small
+        step, kernels on), a dense-code rule's from three dense products
+        (``_forward_closed_form``; any device, where the rule gives its penalty's gradient)."""
+        if self.comm.world != 1 or self.tcfg.autocast_bf16:
+            return False
+        if not self.rule.sparse:
+            return self.rule.has_closed_form()
+        work = self.cfg.budget(self.local_batch_size) * self.cfg.d_in  # K·d
+        return self.device.type == "cpu" and loss_kernel.applies(self.sae.W_enc, work)
+
+    def _forward_closed_form(self, x_s: Tensor, sae=None, ws=None, out=None):
+        """The forward with the main loss's gradient in closed form: (x̂, P, matches, loss,
+        NMSE, aux loss, gradients by parameter name, written into ``out`` where given). The
         auxiliary loss keeps its autograd path (on ``sae``'s parameters: in a grid, leaves
         standing for this SAE's slice of the stacked ones)."""
         own, ws = self.sae, ws or self._ws
         P = affinities(x_s, own.W_enc, own.b_enc, own.b_dec, ws)
-        idx = self.rule.select_global(own, P, ws, self.comm)
-        x_hat, recon, grads = loss_kernel.nmse_and_grads(
-            x_s, P, idx, own.W_enc, own.W_dec, own.b_dec, out=out
-        )
+        penalty = None
+        if self.rule.sparse:
+            idx = self.rule.select_global(own, P, ws, self.comm)
+            x_hat, recon, grads = loss_kernel.nmse_and_grads(
+                x_s, P, idx, own.W_enc, own.W_dec, own.b_dec, out=out
+            )
+        else:
+            mask, idx = self._dense_matches(P)
+            x_hat, recon, grads, penalty = self._dense_grads(x_s, P, mask)
         e = x_s - x_hat
         aux = self._aux(e, P, x_s) if sae is None else self._aux(e, P, x_s, sae)
         loss = recon + self.tcfg.aux_coef * aux if self.tcfg.aux_loss != "none" else recon
+        if penalty is not None:
+            loss = loss + penalty
         return x_hat, P, idx, loss, recon, aux, grads
+
+    @torch.no_grad()
+    def _dense_grads(self, x_s: Tensor, P: Tensor, mask: Tensor):
+        """Dense codes Z = ReLU(P) ⊙ M, x̂ = Z W_dec + b_dec, and the gradients of the NMSE
+        and the rule's penalty: ∂Z = ∂x̂ W_decᵀ (+ the penalty's), ∂P = ∂Z ⊙ M ⊙ [P > 0],
+        ∂W_dec = Zᵀ ∂x̂ (+ the penalty's), ∂W_enc = (x_s − b_dec)ᵀ ∂P, ∂b_enc = Σ_b ∂P,
+        ∂b_dec = Σ_b ∂x̂ − W_enc ∂b_enc. Three dense products, as autograd's backward, without
+        its passes over B×F. Returns (x̂, NMSE, gradients, penalty or None)."""
+        sae = self.sae
+        W_enc, W_dec, b_dec = sae.W_enc.detach(), sae.W_dec.detach(), sae.b_dec.detach()
+        codes = P.relu().mul_(mask.to(P.dtype))  # float masks: a bool one costs 10x here
+        x_hat = torch.addmm(b_dec, codes, W_dec)
+        recon, gx = losses.normalized_mse_and_grad(x_s, x_hat)
+        pen = self.rule.penalty_and_grads(sae, codes, self.rule_state)
+        dW_dec = codes.t() @ gx
+        if pen is None:
+            g_codes = gx @ W_dec.t()
+        else:
+            g_codes = torch.addmm(pen[1].expand_as(codes), gx, W_dec.t())
+            dW_dec += pen[2]
+        gP = g_codes.mul_(codes.sign())  # 1 where matched and P > 0 (codes ≥ 0), else 0
+        db_enc = gP.sum(0)
+        grads = {
+            "W_enc": _in_layout_of(W_enc, (x_s - b_dec).t() @ gP),
+            "b_enc": db_enc,
+            "W_dec": _in_layout_of(W_dec, dW_dec),
+            "b_dec": gx.sum(0) - W_enc @ db_enc,
+        }
+        return x_hat, recon, grads, None if pen is None else pen[0]
 
     def _aux(self, e: Tensor, P: Tensor, x_s: Tensor, sae=None) -> Tensor:
         tcfg, stats = self.tcfg, self.stats
@@ -407,8 +454,8 @@ class Trainer:
             self._open_window(x)
         x_s, lr = self._begin(x)
         grads = None
-        if self._loss_kernel_applies():
-            x_hat, P, idx, loss, recon, aux, grads = self._forward_by_kernel(x_s)
+        if self._closed_form_applies():
+            x_hat, P, idx, loss, recon, aux, grads = self._forward_closed_form(x_s)
         else:
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self.tcfg.autocast_bf16):
                 x_hat, P, idx, codes = self._forward(x_s)
@@ -418,12 +465,12 @@ class Trainer:
             self._flag(1, ~torch.isfinite(loss))
         elif self.comm.world == 1 and not bool(torch.isfinite(loss)):
             self._fail(self.steps_done, f"the loss is {loss.item()}")
-        if grads is not None:  # the reconstruction's gradient, computed by the kernel
+        if grads is not None:  # the main loss's gradient, in closed form
             for name, g in grads.items():
                 getattr(self.sae, name).grad = g
         else:
             self.opt.zero_grad(set_to_none=True)
-        if loss.requires_grad:  # (with the kernel: the auxiliary loss's, added to it)
+        if loss.requires_grad:  # (in closed form: the auxiliary loss's, added to it)
             loss.backward()
         if self.comm.world > 1:
             self._all_reduce_grads()

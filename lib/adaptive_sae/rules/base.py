@@ -102,6 +102,21 @@ class AllocationRule:
         """An extra loss term on dense codes, or None."""
         return None
 
+    def penalty_and_grads(self, sae: SparseAutoencoder, codes: Tensor, state: dict[str, float]):
+        """(``penalty``, its gradient with respect to codes (broadcastable to them), with
+        respect to W_dec), without autograd; None if the rule has no penalty. A rule whose
+        ``penalty`` is not matched here trains through autograd (``has_closed_form``)."""
+        return None
+
+    def has_closed_form(self) -> bool:
+        """Whether a dense-code step can take its gradient in closed form: the rule has no
+        penalty, or gives the penalty's gradients (``penalty_and_grads``)."""
+        own = type(self)
+        return (
+            own.penalty is AllocationRule.penalty
+            or own.penalty_and_grads is not AllocationRule.penalty_and_grads
+        )
+
     def after_step(self, state: dict[str, float], n_matched: int, batch_size: int, cfg, tcfg):
         """Update ``state`` after a step (e.g. an adaptive penalty coefficient)."""
 

@@ -37,6 +37,11 @@ class ReluL1(AllocationRule):
     def penalty(self, sae, codes, state):
         return state["l1_coef"] * losses.l1_penalty(codes, sae.W_dec)
 
+    def penalty_and_grads(self, sae, codes, state):
+        lam = state["l1_coef"]
+        value, d_codes, d_W_dec = losses.l1_penalty_and_grads(codes, sae.W_dec.detach())
+        return lam * value, lam * d_codes, lam * d_W_dec
+
     def after_step(self, state, n_matched, batch_size, cfg, tcfg) -> None:
         if tcfg.l1_adapt_rate > 0:  # multiplicative, in log space, clipped: cannot overshoot
             err = math.log(max(n_matched / batch_size, 0.05) / cfg.k)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import adaptive_sae as asae
 import pytest
 import torch
-from adaptive_sae import losses
+from adaptive_sae import losses, selection_kernels
 from adaptive_sae.rules import register_rule, unregister_rule
 from adaptive_sae.rules.relu_l1 import ReluL1
 from hypothesis import given, settings
@@ -101,7 +101,7 @@ def test_training_in_closed_form_equals_autograd(aux, monkeypatch):
         )
 
 
-def test_a_penalty_without_its_gradients_trains_through_autograd():
+def test_a_penalty_without_its_gradients_trains_through_autograd(monkeypatch):
     """A dense-code rule with a penalty but no ``penalty_and_grads`` has no closed form."""
 
     class Squared(ReluL1):
@@ -120,5 +120,7 @@ def test_a_penalty_without_its_gradients_trains_through_autograd():
         assert run.history["step"].iloc[-1] == 3
         relu = asae.Trainer(asae.SAEConfig(d_in=8, n_features=32, rule="relu_l1"), t.tcfg)
         assert relu._closed_form_applies()
+        monkeypatch.setattr(selection_kernels, "use_kernels", False)  # ADAPTIVE_SAE_KERNELS=0
+        assert not relu._closed_form_applies()  # autograd, as the committed results
     finally:
         unregister_rule("relu_l2_test")

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.optim.adam import adam as _functional_adam
 
-from . import checkpoints, loss_kernel, losses
+from . import checkpoints, loss_kernel, losses, selection_kernels
 from .config import (
     ConfigError,
     SAEConfig,
@@ -359,10 +359,11 @@ class Trainer:
 
     def _closed_form_applies(self) -> bool:
         """Whether the step takes its main loss's gradient in closed form, not from autograd
-        (one process, full precision): a sparse rule's from ``loss_kernel`` (on a CPU, a small
-        step, kernels on), a dense-code rule's from three dense products
-        (``_forward_closed_form``; any device, where the rule gives its penalty's gradient)."""
-        if self.comm.world != 1 or self.tcfg.autocast_bf16:
+        (one process, full precision, kernels on): a sparse rule's from ``loss_kernel`` (on a
+        CPU, a small step), a dense-code rule's from three dense products (``_dense_grads``;
+        any device, where the rule gives its penalty's gradient). Both sum in another order
+        than autograd, so ``ADAPTIVE_SAE_KERNELS=0`` turns them off with the kernels."""
+        if self.comm.world != 1 or self.tcfg.autocast_bf16 or not selection_kernels.use_kernels:
             return False
         if not self.rule.sparse:
             return self.rule.has_closed_form()

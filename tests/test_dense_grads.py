@@ -1,5 +1,6 @@
 """A dense-code rule's gradient in closed form (``Trainer._dense_grads``, the losses'
-``*_and_grad(s)``) against autograd, and training with it against training through autograd."""
+``*_and_grad(s)``) against autograd. Whole runs with and without it:
+``tests/test_loss_kernel.py::test_training_in_closed_form_equals_autograd``."""
 
 from __future__ import annotations
 
@@ -74,31 +75,6 @@ def test_step_gradients_equal_autograd(share, monkeypatch):
         param = getattr(t.sae, name)
         assert got.stride() == param.stride(), name
         torch.testing.assert_close(got, param.grad, rtol=1e-4, atol=1e-6)
-
-
-@pytest.mark.parametrize("aux", ["none", "aux_k", "aux_zipf"])
-def test_training_in_closed_form_equals_autograd(aux, monkeypatch):
-    g = torch.Generator().manual_seed(1)
-    data = torch.randn(128 * 12, 16, generator=g) @ torch.randn(16, 16, generator=g)
-    cfg = asae.SAEConfig(d_in=16, n_features=64, rule="relu_l1", k=4)
-    tcfg = asae.TrainConfig(
-        batch_size=128, total_tokens=128 * 10, seed=0, aux_loss=aux, log_every=1,
-        dead_window_tokens=128, zipf_refit_every=1, init_sample_tokens=128, gamma=1.0,
-    )  # fmt: skip
-    closed = asae.train(cfg, tcfg, data)
-    with monkeypatch.context() as m:
-        m.setattr(asae.Trainer, "_closed_form_applies", lambda self: False)
-        by_autograd = asae.train(cfg, tcfg, data)
-    a, b = closed.sae.state_dict(), by_autograd.sae.state_dict()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, equal_nan=True)
-    for col in ("loss", "nmse", "aux_loss", "l0_mean", "l1_coef"):
-        torch.testing.assert_close(
-            torch.tensor(closed.history[col].values),
-            torch.tensor(by_autograd.history[col].values),
-            rtol=1e-4,
-            atol=1e-6,
-        )
 
 
 def test_a_penalty_without_its_gradients_trains_through_autograd(monkeypatch):

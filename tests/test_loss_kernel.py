@@ -116,31 +116,36 @@ def test_trainer_takes_it_for_small_steps_only():
     assert dense._closed_form_applies()  # no kernel: dense products (tests/test_dense_grads.py)
 
 
-@pytest.mark.parametrize("rule", ["topk", "mutual_choice", "feature_choice", "feature_choice_zipf"])
+@pytest.mark.parametrize(
+    "rule", ["topk", "mutual_choice", "feature_choice", "feature_choice_zipf", "relu_l1"]
+)
 @pytest.mark.parametrize("aux", ["none", "aux_k", "aux_zipf"])
-def test_training_with_the_loss_kernel_equals_autograd(rule, aux, monkeypatch):
-    """A whole run (the auxiliary losses' autograd gradients added to the kernel's) against the
-    same run through autograd: weights and history to float tolerance."""
-    data = torch.randn(128 * 12, 16, generator=torch.Generator().manual_seed(0))
+def test_training_in_closed_form_equals_autograd(rule, aux, monkeypatch):
+    """A whole run with the main loss's gradient in closed form (the loss kernel; ReLU+L1's
+    dense products, ``tests/test_dense_grads.py``), the auxiliary losses' autograd gradients
+    added to it, against the same run through autograd: weights and history to tolerance."""
+    g = torch.Generator().manual_seed(0)
+    data = torch.randn(128 * 12, 16, generator=g) @ torch.randn(16, 16, generator=g)
     cfg = asae.SAEConfig(d_in=16, n_features=64, rule=rule, k=4)
     tcfg = asae.TrainConfig(
         batch_size=128, total_tokens=128 * 10, seed=0, aux_loss=aux, log_every=1,
         dead_window_tokens=128, zipf_refit_every=1, init_sample_tokens=128, gamma=1.0,
     )  # fmt: skip
-    by_kernel = asae.train(cfg, tcfg, data)
+    closed = asae.train(cfg, tcfg, data)
     with monkeypatch.context() as m:
         m.setattr(asae.Trainer, "_closed_form_applies", lambda self: False)
         by_autograd = asae.train(cfg, tcfg, data)
-    a, b = by_kernel.sae.state_dict(), by_autograd.sae.state_dict()
+    a, b = closed.sae.state_dict(), by_autograd.sae.state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, equal_nan=True)
-    for col in ("loss", "nmse", "aux_loss", "l0_mean", "dead_pct"):
+    cols = ["loss", "nmse", "aux_loss", "l0_mean", "dead_pct"]
+    for col in cols + (["l1_coef"] if rule == "relu_l1" else []):
         torch.testing.assert_close(
-            torch.tensor(by_kernel.history[col].values),
+            torch.tensor(closed.history[col].values),
             torch.tensor(by_autograd.history[col].values),
             rtol=1e-4,
             atol=1e-6,
         )
     # the auxiliary loss took part (aux_k needs dead features; Feature Choice has none here)
     if aux == "aux_zipf" or (aux == "aux_k" and rule in ("topk", "mutual_choice")):
-        assert (by_kernel.history["aux_loss"] > 0).any()
+        assert (closed.history["aux_loss"] > 0).any()

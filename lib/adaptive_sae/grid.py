@@ -277,11 +277,7 @@ class GridTrainer:
             return
         per = []
         for j, (i, t) in enumerate(w.slots):
-            x_s, lr = t._begin(xs[i], checked=True)
-            has_aux = t.tcfg.aux_loss != "none"
-            ws = t._ws
-            if not has_aux:  # the shared buffers, with this SAE's own selection hints
-                ws, ws.hints = self._ws, t._ws.hints
+            x_s, lr, has_aux, ws = self._begin_member(t, xs[i])
             P = affinities(x_s, det["W_enc"][j], det["b_enc"][j], det["b_dec"][j], ws)
             idx = t.rule.select(t.sae, P, ws)
             pre = values_at(P, idx)
@@ -311,16 +307,23 @@ class GridTrainer:
                 matched = t._observe(P, idx)
             yield i, (x_s, x_hat, matched, loss, recon, aux, lr)
 
+    def _begin_member(self, t: Trainer, x: Tensor):
+        """A member's scaled batch and learning rate, whether it has an auxiliary loss, and the
+        buffers its P goes to: the grid's shared one (with the member's own selection hints)
+        unless its auxiliary loss needs P after the next member's."""
+        x_s, lr = t._begin(x, checked=True)
+        has_aux = t.tcfg.aux_loss != "none"
+        ws = t._ws
+        if not has_aux:
+            ws, ws.hints = self._ws, t._ws.hints
+        return x_s, lr, has_aux, ws
+
     def _forward_width_by_kernel(self, w: _Width, xs: list[Tensor], det: dict[str, Tensor]):
-        """As ``_forward_width``, each SAE's reconstruction loss and its gradient by the loss
-        kernel (as its lone run's step), written into the width's stacked gradients."""
+        """As ``_forward_width``, each SAE's reconstruction loss and its gradient in closed form
+        (by the loss kernel, as its lone run's step), written into the stacked gradients."""
         w.kernel_grads = {k: torch.empty_like(v) for k, v in det.items()}
         for j, (i, t) in enumerate(w.slots):
-            x_s, lr = t._begin(xs[i], checked=True)
-            has_aux = t.tcfg.aux_loss != "none"
-            ws = t._ws
-            if not has_aux:  # the shared buffers, with this SAE's own selection hints
-                ws, ws.hints = self._ws, t._ws.hints
+            x_s, lr, has_aux, ws = self._begin_member(t, xs[i])
             leaves = None
             if has_aux:  # the auxiliary loss on leaves of its own, added to the stacked gradient
                 leaves = SimpleNamespace(**{n: v[j].requires_grad_(True) for n, v in det.items()})

@@ -256,3 +256,18 @@ def test_aggregation_names_metrics_no_point_measured(workdir):
     assert not any(c.startswith("mean_max_cosine") for c in summary.columns)
     text = (path.parent / "summary.md").read_text()
     assert "Not measured on these points: mean_max_cosine." in text
+
+
+def test_a_point_is_done_only_where_its_results_are(workdir, monkeypatch):
+    """The done marker and executed notebook live beside the sweep file; the results in the
+    results folder. Another results folder (``--results-root``) has not got them: not done."""
+    s = sweep.load_sweep(write_sweep(workdir, grid={"x": [1]}))
+    (p,) = s.points()
+    s.output_dir.mkdir(parents=True, exist_ok=True)
+    s.notebook_output(p).write_text("{}")
+    results.write_json(s.done_marker(p), {"fingerprint": p.fingerprint(s.notebook)})
+    assert not s.is_done(p)  # no results yet
+    s.point_results(p).mkdir(parents=True)
+    assert s.is_done(p)
+    monkeypatch.setenv(results.RESULTS_ENV, str(workdir / "elsewhere"))
+    assert not s.is_done(p)

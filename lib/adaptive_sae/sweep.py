@@ -329,10 +329,13 @@ class Sweep:
         return _results.results_root() / self.experiment / point.run_name
 
     def is_done(self, point: Point) -> bool:
-        """Done: a marker recording the same parameters and notebook, and the executed notebook
-        beside it."""
+        """Done: a marker recording the same parameters and notebook, the executed notebook
+        beside it, and the point's results in the results folder in use (so a run into another
+        ``--results-root`` runs the point there)."""
         marker = self.done_marker(point)
         if not marker.is_file() or not self.notebook_output(point).is_file():
+            return False
+        if not self.point_results(point).is_dir():
             return False
         try:
             recorded = _results.read_json(marker).get("fingerprint")

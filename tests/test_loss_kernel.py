@@ -16,18 +16,22 @@ pytest.importorskip("numba")
 NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 
-def _oracle(x, W_enc, b_enc, W_dec, b_dec, idx):
-    """(x̂, NMSE, gradients by name) by dense autograd."""
+def _oracle(x, W_enc, b_enc, W_dec, b_dec, idx, target=None):
+    """(x̂, NMSE, gradients by name) by dense autograd; with a target, the auxiliary losses'
+    form (the target reconstructed without b_dec)."""
     params = [p.detach().clone().requires_grad_() for p in (W_enc, b_enc, W_dec, b_dec)]
-    x_hat, _ = reconstruct(x.detach(), *params, idx)
-    loss = nmse(x.detach(), x_hat)
+    x_hat, _ = reconstruct(x.detach(), *params, idx, decoder_bias=target is None)
+    loss = nmse(x.detach() if target is None else target, x_hat)
     loss.backward()
     return x_hat.detach(), loss.detach(), {n: p.grad for n, p in zip(NAMES, params)}
 
 
-def _kernel(x, W_enc, b_enc, W_dec, b_dec, idx):
+def _kernel(x, W_enc, b_enc, W_dec, b_dec, idx, target=None):
     P = ((x - b_dec) @ W_enc + b_enc).detach().contiguous()
-    return loss_kernel.nmse_and_grads(x, P, idx, W_enc.detach(), W_dec.detach(), b_dec.detach())
+    return loss_kernel.nmse_and_grads(
+        x, P, idx, W_enc.detach(), W_dec.detach(), b_dec.detach(),
+        target=target, decoder_bias=target is None,
+    )  # fmt: skip
 
 
 @settings(max_examples=150, deadline=None)
@@ -38,15 +42,17 @@ def _kernel(x, W_enc, b_enc, W_dec, b_dec, idx):
     share=st.floats(0.0, 1.0),
     shuffled=st.booleans(),
     column_major=st.booleans(),
+    aux_form=st.booleans(),
     dtype=st.sampled_from([torch.float32, torch.float64]),
     seed=st.integers(0, 2**31 - 1),
 )
 def test_loss_and_gradients_equal_dense_autograd(
-    B, d, F, share, shuffled, column_major, dtype, seed
+    B, d, F, share, shuffled, column_major, aux_form, dtype, seed
 ):
     """Any selection (empty to all entries, ascending or shuffled, with inactive entries P <= 0:
     b_enc < 0 in make_params), any d, both dtypes; W_enc row- or column-major (an SAE's is a
-    transposed copy of W_dec), its gradient in the same layout (the fused Adam needs it)."""
+    transposed copy of W_dec), its gradient in the same layout (the fused Adam needs it); the
+    main loss's form and the auxiliary losses' (a residual target, no decoder bias)."""
     x, W_enc, b_enc, W_dec, b_dec = make_params(B, d, F, dtype, seed)
     if column_major:
         W_enc = W_enc.detach().t().contiguous().t().requires_grad_()
@@ -54,8 +60,9 @@ def test_loss_and_gradients_equal_dense_autograd(
     idx = (torch.rand(B * F, generator=g) < share).nonzero().squeeze(1)
     if shuffled:
         idx = idx[torch.randperm(idx.numel(), generator=g)]
-    want_x_hat, want_loss, want = _oracle(x, W_enc, b_enc, W_dec, b_dec, idx)
-    x_hat, loss, got = _kernel(x, W_enc, b_enc, W_dec, b_dec, idx)
+    target = torch.randn(B, d, generator=g, dtype=dtype) if aux_form else None  # a residual
+    want_x_hat, want_loss, want = _oracle(x, W_enc, b_enc, W_dec, b_dec, idx, target)
+    x_hat, loss, got = _kernel(x, W_enc, b_enc, W_dec, b_dec, idx, target)
     tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-9, "atol": 1e-11}
     torch.testing.assert_close(x_hat, want_x_hat, **tol)
     torch.testing.assert_close(loss, want_loss, **tol)

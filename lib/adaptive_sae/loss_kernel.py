@@ -48,13 +48,15 @@ def _row_of(flat, r, F):  # pragma: no cover - compiled
     return r + 1 if flat >= (r + 1) * F else r
 
 
-def _nmse_grads(x, P, idx, W_dec, b_dec, x_hat, gx, gWencT, gb_enc, gW_dec, gb_dec, eps):
+def _nmse_grads(x, xe, P, idx, W_dec, b_dec, bias, x_hat, gx, gWencT, gb_enc, gW_dec, gb_dec, eps):
     # pragma: no cover - compiled
+    """x: the target; xe: the encoder's input (x too, but for the auxiliary loss, whose target
+    is the residual); bias: whether x̂ includes b_dec."""
     B, d = x.shape
     F = W_dec.shape[0]
     for b in range(B):
         for j in range(d):
-            x_hat[b, j] = b_dec[j]
+            x_hat[b, j] = b_dec[j] if bias else 0.0
     r = 0
     for i in range(idx.shape[0]):
         r = _row_of(idx[i], r, F)
@@ -87,7 +89,8 @@ def _nmse_grads(x, P, idx, W_dec, b_dec, x_hat, gx, gWencT, gb_enc, gW_dec, gb_d
         for j in range(d):
             g = scale * (x[b, j] - x_hat[b, j])
             gx[b, j] = g
-            gb_dec[j] += g
+            if bias:
+                gb_dec[j] += g
     for f in range(F):
         gb_enc[f] = 0.0
         for j in range(d):
@@ -103,7 +106,7 @@ def _nmse_grads(x, P, idx, W_dec, b_dec, x_hat, gx, gWencT, gb_enc, gW_dec, gb_d
             gb_enc[c] += g
             for j in range(d):
                 gW_dec[c, j] += v * gx[r, j]
-                gWencT[c, j] += g * (x[r, j] - b_dec[j])
+                gWencT[c, j] += g * (xe[r, j] - b_dec[j])
     return err / var
 
 
@@ -140,11 +143,15 @@ def nmse_and_grads(
     b_dec: Tensor,
     eps: float = 1e-12,
     out: dict[str, Tensor] | None = None,
+    target: Tensor | None = None,
+    decoder_bias: bool = True,
 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """(x̂ (B, d), the normalised MSE (scalar), its gradients {"W_enc", "b_enc", "W_dec",
     "b_dec"}) of the reconstruction from the entries ``flat_idx`` (b·F + f, any order) of the
-    affinities P (B, F); the gradients are written into ``out``'s tensors where given (a
-    grid's stacked gradients). Call where :func:`applies`."""
+    affinities P (B, F) of x_s; the gradients are written into ``out``'s tensors where given (a
+    grid's stacked gradients). ``target`` (default x_s) and ``decoder_bias`` give the
+    auxiliary losses' form: the residual reconstructed without b_dec (``losses.aux_loss``).
+    Call where :func:`applies`."""
     kern = _kernel()
     if kern is None:
         raise RuntimeError("the loss kernel needs numba; check applies() first")
@@ -152,6 +159,7 @@ def nmse_and_grads(
     F = W_dec.shape[0]
     dt = P.dtype
     x = x_s.detach().to(dt).contiguous()
+    t = x if target is None else target.detach().to(dt).contiguous()
     x_hat = torch.empty(B, d, dtype=dt)
     gx = torch.empty(B, d, dtype=dt)
     gWencT = torch.empty(F, d, dtype=dt)
@@ -163,11 +171,13 @@ def nmse_and_grads(
     }
     idx = flat_idx.to(torch.int64).contiguous()
     recon = kern(
+        t.numpy(),
         x.numpy(),
         P.detach().numpy(),
         idx.numpy(),
         W_dec.detach().contiguous().numpy(),
         b_dec.detach().contiguous().numpy(),
+        bool(decoder_bias),
         x_hat.numpy(),
         gx.numpy(),
         gWencT.numpy(),

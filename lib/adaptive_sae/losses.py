@@ -119,6 +119,22 @@ def aux_selection(
     return feats, P_sub, local
 
 
+def aux_sparse_entries(
+    P: Tensor, feats: Tensor, local: Tensor, density_threshold: float | None = None
+) -> Tensor | None:
+    """An auxiliary selection (``aux_selection``'s feats and local indices into P[:, feats]) as
+    flat indices b·F + f into P (B, F); None where it is dense enough (``density_threshold``,
+    default ``DENSE_SUBSET_DENSITY``) for the product on the column subset instead."""
+    B, F = P.shape
+    n = feats.numel()
+    if density_threshold is None:
+        density_threshold = DENSE_SUBSET_DENSITY.get(P.device.type, 0.15)
+    if local.numel() >= density_threshold * B * n:
+        return None
+    r = torch.div(local, n, rounding_mode="floor")
+    return r * F + feats[local - r * n]
+
+
 def aux_loss(
     residual: Tensor,
     x_s: Tensor,
@@ -130,8 +146,10 @@ def aux_loss(
     deficits: Tensor | None = None,
     density_threshold: float | None = None,
     comm=None,
+    selection: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> Tensor:
-    """Normalised error of reconstructing the detached residual from the masked features.
+    """Normalised error of reconstructing the detached residual from the masked features
+    (``selection``: ``aux_selection``'s result, where the caller has it already).
 
     ``x_s`` (B, d) scaled inputs and ``P`` (B, F) their affinities (no grad needed: the gradient
     reaches W_enc, b_enc and b_dec through the kernel's own backward, W_dec through ê). Under
@@ -145,21 +163,20 @@ def aux_loss(
     world = 1 if comm is None else comm.world
     if not bool(feature_mask.any()):  # the mask is the same on every rank
         return x_s.new_zeros(())
-    B, F = P.shape
+    B = P.shape[0]
     e = residual.detach()
     P = P.detach()
-    feats, P_sub, local = aux_selection(P, feature_mask, allocation, k_aux, deficits, comm)
+    if selection is None:
+        selection = aux_selection(P, feature_mask, allocation, k_aux, deficits, comm)
+    feats, P_sub, local = selection
     n = feats.numel()
-    if density_threshold is None:
-        density_threshold = DENSE_SUBSET_DENSITY.get(P.device.type, 0.15)
     params = (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)
-    if local.numel() >= density_threshold * B * n:
+    flat = aux_sparse_entries(P, feats, local, density_threshold)
+    if flat is None:
         mask = torch.zeros(B * n, dtype=torch.bool, device=P.device)
         mask[local] = True
         e_hat = subset_reconstruct(x_s, *params, P_sub, feats, mask.view(B, n), False)
     else:
-        r = torch.div(local, n, rounding_mode="floor")
-        flat = r * F + feats[local - r * n]
         e_hat = sparse_reconstruct(x_s, *params, flat, P, False).x_hat
     e = e.to(e_hat.dtype)
     if world > 1:
@@ -198,6 +215,7 @@ __all__ = [
     "l1_penalty_and_grads",
     "deficit_capacities",
     "aux_selection",
+    "aux_sparse_entries",
     "aux_loss",
     "aux_k_loss",
     "aux_zipf_loss",

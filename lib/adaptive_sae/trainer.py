@@ -387,7 +387,11 @@ class Trainer:
             mask, idx = self._dense_matches(P)
             x_hat, recon, grads, penalty = self._dense_grads(x_s, P, mask)
         e = x_s - x_hat
-        aux = self._aux(e, P, x_s) if sae is None else self._aux(e, P, x_s, sae)
+        aux, selection = x_s.new_zeros(()), None
+        if self.tcfg.aux_loss != "none":
+            aux, selection = self._aux_by_kernel(e, P, x_s, grads)
+        if aux is None:  # autograd, on the selection already made
+            aux = self._aux(e, P, x_s, sae, selection)
         loss = recon + self.tcfg.aux_coef * aux if self.tcfg.aux_loss != "none" else recon
         if penalty is not None:
             loss = loss + penalty
@@ -422,17 +426,41 @@ class Trainer:
         }
         return x_hat, recon, grads, None if pen is None else pen[0]
 
-    def _aux(self, e: Tensor, P: Tensor, x_s: Tensor, sae=None) -> Tensor:
+    def _aux_features(self) -> tuple[Tensor, str, Tensor | None]:
+        """The auxiliary loss's (feature mask, allocation, deficits) from the statistics."""
         tcfg, stats = self.tcfg, self.stats
-        if tcfg.aux_loss == "none":
-            return x_s.new_zeros(())
         if tcfg.aux_loss == "aux_k":
-            mask, alloc, deficits = stats.dead_mask, "topk", None
-        else:
-            mask, alloc, deficits = stats.underutilised_mask, tcfg.aux_allocation, stats.deficits
+            return stats.dead_mask, "topk", None
+        return stats.underutilised_mask, tcfg.aux_allocation, stats.deficits
+
+    def _aux(self, e: Tensor, P: Tensor, x_s: Tensor, sae=None, selection=None) -> Tensor:
+        if self.tcfg.aux_loss == "none":
+            return x_s.new_zeros(())
+        mask, alloc, deficits = self._aux_features()
         return losses.aux_loss(
-            e, x_s, P, sae or self.sae, mask, alloc, self.k_aux, deficits, comm=self.comm
+            e, x_s, P, sae or self.sae, mask, alloc, self.k_aux, deficits, comm=self.comm,
+            selection=selection,
+        )  # fmt: skip
+
+    def _aux_by_kernel(self, e: Tensor, P: Tensor, x_s: Tensor, grads: dict[str, Tensor]):
+        """The auxiliary loss in closed form by the loss kernel (the residual e reconstructed
+        without b_dec from the auxiliary selection), aux_coef × its gradients added to
+        ``grads``: (its value or None, the selection). None where the selection is dense (the
+        column-subset product) or too large for the kernel: autograd then takes it."""
+        mask, alloc, deficits = self._aux_features()
+        if not bool(mask.any()):
+            return x_s.new_zeros(()), None
+        selection = losses.aux_selection(P, mask, alloc, self.k_aux, deficits)
+        flat = losses.aux_sparse_entries(P, selection[0], selection[2])
+        sae = self.sae
+        if flat is None or not loss_kernel.applies(sae.W_enc, flat.numel() * self.cfg.d_in):
+            return None, selection
+        _, value, g = loss_kernel.nmse_and_grads(
+            x_s, P, flat, sae.W_enc, sae.W_dec, sae.b_dec, target=e, decoder_bias=False
         )
+        for name, grad in grads.items():
+            grad.add_(g[name], alpha=self.tcfg.aux_coef)
+        return value, selection
 
     def _fail(self, step: int, what: str) -> None:
         where = self.save_checkpoint()

@@ -12,9 +12,13 @@ repeats each, and their ratio. The kernel runs in training only where K·d ≤
 from __future__ import annotations
 
 import argparse
-import time
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_select import best_ms  # noqa: E402
 
 SIZES = [  # (B, d, F, k)
     (1024, 64, 512, 8),
@@ -24,15 +28,6 @@ SIZES = [  # (B, d, F, k)
     (4096, 256, 4096, 32),
     (4096, 512, 8192, 32),
 ]
-
-
-def best_ms(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times) * 1e3
 
 
 def time_size(B: int, d: int, F: int, k: int, repeats: int) -> tuple[float, float]:

@@ -134,6 +134,7 @@ def main(argv=None) -> int:
         a.rules = [r for r in a.rules if r in ("topk", "mutual_choice", "feature_choice")]
     torch.set_num_threads(a.threads)
     modes = {"on": [True], "off": [False], "both": [False, True]}[a.kernels]
+    kernels_found = selection_kernels.use_kernels
     variants = [(rule, on) for rule in a.rules for on in modes]
     rows = []
     for B in a.B:
@@ -158,7 +159,7 @@ def main(argv=None) -> int:
                     "B": B,
                     "rule": f"{v[0]} (kernel)" if a.kernels == "both" and v[1] else v[0],
                     "aux": a.aux,
-                    "top_k": "kernel" if v[1] else "torch.topk",
+                    "kernels": "on" if v[1] else "off",
                     "step_ms": best[v],
                     "tokens_per_s": B / best[v] * 1e3,
                     "dense_ms": mm,
@@ -174,7 +175,7 @@ def main(argv=None) -> int:
             f"| {r['B']} | {r['rule']} | {r['step_ms']:.2f} | {r['tokens_per_s']:,.0f} | "
             f"{r['dense_ms']:.3f} | {r['x_dense']:.1f} |"
         )
-    selection_kernels.use_kernels = True
+    selection_kernels.use_kernels = kernels_found
     floor = [r for B in a.B for r in floor_rows(B, a.d, a.F, a.k)] if a.floor else []
     if floor:
         print("\n| B | primitive (alone, best of 30) | ms | × dense |\n|---|---|---:|---:|")

@@ -58,10 +58,11 @@ def _assert_same_run(grid_run, alone_run, exact: bool) -> None:
 @pytest.mark.parametrize("aux", ["none", "aux_k", "aux_zipf", "aux_zipf_topk"])
 def test_every_rule_in_one_grid_trains_as_alone(aux, loss_kernel, monkeypatch):
     """Every rule at two widths, two seeds (own shuffles of the tensor) and two learning rates
-    in one grid; each member equals ``train`` of it alone. With the loss kernel (a CPU's
-    path) and without it (the stacked autograd path an accelerator takes)."""
+    in one grid; each member equals ``train`` of it alone. With the loss and update kernels
+    (a CPU's path) and without them (the stacked autograd and update an accelerator takes)."""
     if not loss_kernel:
         monkeypatch.setattr(asae.Trainer, "_closed_form_applies", lambda self: False)
+        monkeypatch.setattr(asae.Trainer, "_update_kernel_applies", lambda self: False)
     x = _data()
     members = [
         _member(r, F=64 if i % 2 else 96, seed=i % 2, aux=aux, lr=1e-3 if i % 3 else 3e-3)

@@ -158,10 +158,12 @@ def test_training_is_bit_identical_with_and_without_kernels(rule, aux, monkeypat
     selection kernels select the same entries as torch's paths, so a run's weights and history
     do not depend on them. (With ties, e.g. repeated tokens, the kernels take the lower index
     and torch.topk an unspecified one: equally exact selections, different runs.) The loss
-    kernel, which sums in another order, is off in both runs (``tests/test_loss_kernel.py``)."""
+    and update kernels, which sum in another order, are off in both runs
+    (``tests/test_loss_kernel.py``, ``tests/test_update_kernel.py``)."""
     import adaptive_sae as asae
 
     monkeypatch.setattr(asae.Trainer, "_closed_form_applies", lambda self: False)
+    monkeypatch.setattr(asae.Trainer, "_update_kernel_applies", lambda self: False)
     data = torch.randn(128 * 12, 16, generator=torch.Generator().manual_seed(0))
     runs = []
     for on in (True, False):

@@ -41,7 +41,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from . import checkpoints, io
+from . import checkpoints, io, update_kernel
 from .config import ConfigError, SAEConfig, TrainConfig
 from .sparse_ops import Workspace, affinities, stacked_reconstruct, values_at
 from .trainer import (
@@ -243,6 +243,26 @@ class GridTrainer:
             total.backward()
         for w in self.widths:
             w.hand_out_grads()
+        if all(t._update_kernel_applies() for t in self.trainers):
+            self._update_by_kernel(step)
+        else:
+            self._update(step)
+        rows = [t._finish(*s) for t, s in zip(self.trainers, state)]
+        return rows
+
+    def _update_by_kernel(self, step: int) -> None:
+        """Each SAE's update by ``update_kernel`` on its views of the stacked tensors (as its
+        lone run's step), every gradient norm checked before any SAE changes."""
+        norms = [update_kernel.project_and_norm(t.sae) for t in self.trainers]
+        bad = [i for i, n in enumerate(norms) if not math.isfinite(n)]
+        if bad:
+            self._fail(step, f"SAE {bad[0]}'s gradient is non-finite")
+        for t, gnorm in zip(self.trainers, norms):
+            update_kernel.clip_adam_and_renormalize(t.sae, t.opt, gnorm, t.tcfg.grad_clip)
+
+    def _update(self, step: int) -> None:
+        """Each SAE's projection and clipping on the stacked tensors, one fused Adam call for
+        all, the stacked decoders renormalised."""
         norms = []
         for w in self.widths:  # one pass over the stacked gradients of each width
             norms.append(w.project_and_clip())
@@ -259,8 +279,6 @@ class GridTrainer:
             w.normalize_decoders()
         for _, t in self.dense:
             t.sae.normalize_decoder()
-        rows = [t._finish(*s) for t, s in zip(self.trainers, state)]
-        return rows
 
     def _forward_width(self, w: _Width, xs: list[Tensor]):
         """Yield (member, (x_s, x̂, matches, loss, NMSE, aux, lr)) for the SAEs of one width.

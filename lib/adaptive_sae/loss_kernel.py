@@ -26,6 +26,7 @@ from torch import Tensor
 from . import selection_kernels
 
 _compiled = None
+_NO_COUNTS = torch.zeros(0, dtype=torch.int64)
 
 MAX_WORK = 1 << 21
 """The kernel runs where K·d (selected entries × d_in) is at most this. It is one thread and
@@ -48,10 +49,12 @@ def _row_of(flat, r, F):  # pragma: no cover - compiled
     return r + 1 if flat >= (r + 1) * F else r
 
 
-def _nmse_grads(x, xe, P, idx, W_dec, b_dec, bias, x_hat, gx, gWencT, gb_enc, gW_dec, gb_dec, eps):
-    # pragma: no cover - compiled
+def _nmse_grads(
+    x, xe, P, idx, W_dec, b_dec, bias, x_hat, gx, gWencT, gb_enc, gW_dec, gb_dec, eps, counts
+):  # pragma: no cover - compiled
     """x: the target; xe: the encoder's input (x too, but for the auxiliary loss, whose target
-    is the residual); bias: whether x̂ includes b_dec."""
+    is the residual); bias: whether x̂ includes b_dec; counts: (F + B,) where the matches (the
+    entries with P > 0) are counted by feature then by token, or (0,) for none."""
     B, d = x.shape
     F = W_dec.shape[0]
     for b in range(B):
@@ -102,6 +105,9 @@ def _nmse_grads(x, xe, P, idx, W_dec, b_dec, bias, x_hat, gx, gWencT, gb_enc, gW
         c = idx[i] - r * F
         v = P[r, c]
         if not v <= 0:  # an inactive entry (P <= 0) has value 0 and no gradient
+            if counts.shape[0] and v > 0:
+                counts[c] += 1
+                counts[F + r] += 1
             g = _dot(gx[r], W_dec[c])
             gb_enc[c] += g
             for j in range(d):
@@ -145,13 +151,16 @@ def nmse_and_grads(
     out: dict[str, Tensor] | None = None,
     target: Tensor | None = None,
     decoder_bias: bool = True,
+    counts: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """(x̂ (B, d), the normalised MSE (scalar), its gradients {"W_enc", "b_enc", "W_dec",
     "b_dec"}) of the reconstruction from the entries ``flat_idx`` (b·F + f, any order) of the
     affinities P (B, F) of x_s; the gradients are written into ``out``'s tensors where given (a
     grid's stacked gradients). ``target`` (default x_s) and ``decoder_bias`` give the
     auxiliary losses' form: the residual reconstructed without b_dec (``losses.aux_loss``).
-    Call where :func:`applies`."""
+    ``counts`` (F + B,), int64 zeros, receives the matches (selected entries with P > 0) per
+    feature, then per token: what the statistics read, without gathering P again. Call where
+    :func:`applies`."""
     kern = _kernel()
     if kern is None:
         raise RuntimeError("the loss kernel needs numba; check applies() first")
@@ -185,6 +194,7 @@ def nmse_and_grads(
         g["W_dec"].numpy(),
         g["b_dec"].numpy(),
         float(eps),
+        (_NO_COUNTS if counts is None else counts).numpy(),
     )
     g["b_dec"] -= W_enc.detach() @ g["b_enc"]
     g["W_enc"].copy_(gWencT.t())

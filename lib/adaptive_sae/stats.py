@@ -75,7 +75,7 @@ class FeatureStats:
     def refit(self) -> None:
         """Refit the Zipf law and recompute the underutilised set and deficits."""
         dens = self.densities
-        self.fit = zipf.fit_zipf(dens, self.head_fraction)
+        self.fit = zipf.fit_zipf(dens, self.head_fraction, start=self.fit)
         mask, deficit = zipf.zipf_deficits(dens, self.gamma, self.fit)
         self.underutilised_mask = mask | self.dead_mask
         self.deficits = deficit.float()

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.optim.adam import adam as _functional_adam
 
-from . import checkpoints, loss_kernel, losses, selection_kernels
+from . import checkpoints, loss_kernel, losses, selection_kernels, update_kernel
 from .config import (
     ConfigError,
     SAEConfig,
@@ -267,6 +267,7 @@ class Trainer:
         self.rows: list[dict[str, float]] = []
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self._ws = Workspace()  # the B×F affinities reused across steps
+        self._kernel_counts: Tensor | None = None  # this step's matches, counted by the kernel
         # Non-finite checks: every step on a CPU (a check costs nothing there); on an
         # accelerator flags accumulate on the device and are read every check_every steps,
         # the state at the start of the window kept to replay it (see verify())
@@ -380,9 +381,11 @@ class Trainer:
         penalty = None
         if self.rule.sparse:
             idx = self.rule.select_global(own, P, ws, self.comm)
+            counts = torch.zeros(P.shape[1] + P.shape[0], dtype=torch.int64)
             x_hat, recon, grads = loss_kernel.nmse_and_grads(
-                x_s, P, idx, own.W_enc, own.W_dec, own.b_dec, out=out
+                x_s, P, idx, own.W_enc, own.W_dec, own.b_dec, out=out, counts=counts
             )
+            self._kernel_counts = counts  # the matches by feature and by token, for _observe
         else:
             mask, idx = self._dense_matches(P)
             x_hat, recon, grads, penalty = self._dense_grads(x_s, P, mask)
@@ -503,9 +506,7 @@ class Trainer:
             loss.backward()
         if self.comm.world > 1:
             self._all_reduce_grads()
-        self.sae.remove_parallel_grad()
-        self._clip_and_update()
-        self.sae.normalize_decoder()
+        self._update()
         row = self._after(x_s, x_hat, P, idx, loss, recon, aux, lr)
         if deferred and (
             self.steps_done % self.check_every == 0 or self.steps_done == self.tcfg.n_steps
@@ -561,6 +562,7 @@ class Trainer:
     def _begin(self, x: Tensor, checked: bool = False) -> tuple[Tensor, float]:
         """Check the batch, set this step's learning rate; the scaled input x_s and the lr."""
         cfg, tcfg, comm, step = self.cfg, self.tcfg, self.comm, self.steps_done
+        self._kernel_counts = None  # none from a step that did not finish
         if not checked:
             x = _checked(x, step, self.local_batch_size, cfg.d_in).to(self.device, torch.float32)
             if self._window is not None and self.check_every > 1:
@@ -591,18 +593,34 @@ class Trainer:
             loss = loss + penalty / comm.world  # a mean over the global batch
         return loss, recon, aux
 
-    def _clip_and_update(self) -> None:
-        """Clip the gradient (stop on a non-finite one) and take the optimiser step."""
-        params = list(self.sae.parameters())
-        if self.tcfg.grad_clip > 0:
-            gnorm = torch.nn.utils.clip_grad_norm_(params, self.tcfg.grad_clip)
+    def _update(self) -> None:
+        """Project the decoder's gradient, clip the gradient (stop on a non-finite one), take
+        the optimiser step and renormalise the decoder: by ``update_kernel`` where it applies."""
+        sae, clip = self.sae, self.tcfg.grad_clip
+        if self._update_kernel_applies():
+            gnorm = update_kernel.project_and_norm(sae)
+            self._check_grad_norm(torch.tensor(gnorm))
+            update_kernel.clip_adam_and_renormalize(sae, self.opt, gnorm, clip)
+            return
+        sae.remove_parallel_grad()
+        params = list(sae.parameters())
+        if clip > 0:
+            gnorm = torch.nn.utils.clip_grad_norm_(params, clip)
         else:
             gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+        self._check_grad_norm(gnorm)
+        adam_steps([self])
+        sae.normalize_decoder()
+
+    def _update_kernel_applies(self) -> bool:
+        """Whether ``update_kernel`` takes the update (one process; see its ``applies``)."""
+        return self.comm.world == 1 and update_kernel.applies(self.sae, self.opt)
+
+    def _check_grad_norm(self, gnorm: Tensor) -> None:
         if self._window is not None and self.check_every > 1:
             self._flag(2, ~torch.isfinite(gnorm))
         elif not bool(torch.isfinite(gnorm)):
             self._fail(self.steps_done, "the gradient is non-finite")
-        adam_steps([self])
 
     def _after(self, x_s, x_hat, P, idx, loss, recon, aux, lr) -> dict[str, float] | None:
         """Statistics and the rule's state from this step's selection, then :meth:`_finish`."""
@@ -613,10 +631,15 @@ class Trainer:
     def _observe(self, P: Tensor, idx: Tensor) -> Tensor:
         """Feature statistics and the rule's observation of this step's affinities and
         selection (neither reads the parameters); returns the matches (selected, P > 0): flat
-        indices, or a (B, F) mask where the rule selected by one (``select_mask``)."""
+        indices, a (B, F) mask where the rule selected by one (``select_mask``), or their
+        counts (by feature (F,), by token (B,)) where the loss kernel counted them."""
         cfg, tcfg, stats, comm = self.cfg, self.tcfg, self.stats, self.comm
         step, B, F = self.steps_done, tcfg.batch_size, cfg.n_features
-        if idx.dtype == torch.bool:
+        counted, self._kernel_counts = self._kernel_counts, None
+        if counted is not None:  # the loss kernel counted them: (by feature, by token)
+            matched = (counted[:F], counted[F:])
+            counts = matched[0]
+        elif idx.dtype == torch.bool:
             matched = idx & (P > 0)
             counts = matched.sum(0)
         else:
@@ -638,8 +661,12 @@ class Trainer:
         """The rule's state after the step, resampling, the step count and the history row."""
         cfg, tcfg, stats, comm = self.cfg, self.tcfg, self.stats, self.comm
         step, B, B_l, F = self.steps_done, tcfg.batch_size, self.local_batch_size, cfg.n_features
-        is_mask = matched.dtype == torch.bool
-        n_matched = int(matched.count_nonzero()) if is_mask else matched.numel()
+        counted = isinstance(matched, tuple)
+        is_mask = not counted and matched.dtype == torch.bool
+        if counted:
+            n_matched = int(matched[0].sum())
+        else:
+            n_matched = int(matched.count_nonzero()) if is_mask else matched.numel()
         if comm.world > 1:
             n_matched = int(comm.sum_(torch.tensor([n_matched], device=matched.device)).item())
         self.rule.after_step(self.rule_state, n_matched, B, cfg, tcfg)
@@ -650,7 +677,9 @@ class Trainer:
         self.steps_done += 1
         if self.steps_done % tcfg.log_every and self.steps_done != tcfg.n_steps:
             return None
-        if is_mask:
+        if counted:
+            l0_tok = matched[1].double()
+        elif is_mask:
             l0_tok = matched.sum(1).double()
         else:
             l0_tok = torch.bincount(matched // F, minlength=B_l).double()

@@ -84,6 +84,13 @@ def main(argv=None) -> int:
     S.SparseAutoencoder.normalize_decoder = timer(
         "decoder renormalisation", S.SparseAutoencoder.normalize_decoder
     )
+    import adaptive_sae.update_kernel as U
+
+    U.project_and_norm = timer("update kernel: projection and norm", U.project_and_norm)
+    U.clip_adam_and_renormalize = timer(
+        "update kernel: clipping, Adam, renormalisation", U.clip_adam_and_renormalize
+    )
+    T.Trainer._observe = timer("statistics and the rule's observation", T.Trainer._observe)
     T.Trainer.step = timer("step (total)", T.Trainer.step)
 
     spec = dict(
@@ -113,13 +120,13 @@ def main(argv=None) -> int:
             for name, v in acc.items():
                 rows[name].append(v)
             rest = acc["step (total)"] - sum(v for n, v in acc.items() if n != "step (total)")
-            rows["rest (losses, statistics, thresholds)"].append(rest)
+            rows["rest (losses, checks, schedule, history)"].append(rest)
     mm = statistics.median(rows["dense product torch.mm (reference)"])
     print(f"# {bench_step._machine(a.device)}; {spec}")
     print("| phase | median ms | × mm |\n|---|---:|---:|")
     for name, v in rows.items():
         med = statistics.median(v)
-        print(f"| {name} | {med * 1e3:.1f} | {med / mm:.2f} |")
+        print(f"| {name} | {med * 1e3:.2f} | {med / mm:.2f} |")
     return 0
 
 

@@ -50,7 +50,8 @@ def _row_of(flat, r, F):  # pragma: no cover - compiled
 
 
 def _nmse_grads(
-    x, xe, P, idx, W_dec, b_dec, bias, x_hat, gx, gWencT, gb_enc, gW_dec, gb_dec, eps, counts
+    x, xe, P, idx, W_encT, W_dec, b_dec, bias, x_hat, gx, gWencT, gb_enc, gW_dec, gb_dec, eps,
+    counts,
 ):  # pragma: no cover - compiled
     """x: the target; xe: the encoder's input (x too, but for the auxiliary loss, whose target
     is the residual); bias: whether x̂ includes b_dec; counts: (F + B,) where the matches (the
@@ -113,6 +114,10 @@ def _nmse_grads(
             for j in range(d):
                 gW_dec[c, j] += v * gx[r, j]
                 gWencT[c, j] += g * (xe[r, j] - b_dec[j])
+    # the encoder reads x − b_dec: b_dec's gradient through it, −W_enc ∂b_enc
+    for f in range(F):
+        for j in range(d):
+            gb_dec[j] -= W_encT[f, j] * gb_enc[f]
     return err / var
 
 
@@ -171,19 +176,23 @@ def nmse_and_grads(
     t = x if target is None else target.detach().to(dt).contiguous()
     x_hat = torch.empty(B, d, dtype=dt)
     gx = torch.empty(B, d, dtype=dt)
-    gWencT = torch.empty(F, d, dtype=dt)
     g = out or {  # each gradient in its parameter's layout, as the fused optimiser expects
         "W_enc": torch.empty_like(W_enc, dtype=dt),
         "b_enc": torch.empty(F, dtype=dt),
         "W_dec": torch.empty_like(W_dec, dtype=dt),
         "b_dec": torch.empty(d, dtype=dt),
     }
+    # ∂W_enc is accumulated by feature: straight into a column-major gradient (an SAE's)
+    gWencT = g["W_enc"].t()
+    if not gWencT.is_contiguous():
+        gWencT = torch.empty(F, d, dtype=dt)
     idx = flat_idx.to(torch.int64).contiguous()
     recon = kern(
         t.numpy(),
         x.numpy(),
         P.detach().numpy(),
         idx.numpy(),
+        W_enc.detach().t().numpy(),
         W_dec.detach().contiguous().numpy(),
         b_dec.detach().contiguous().numpy(),
         bool(decoder_bias),
@@ -196,8 +205,8 @@ def nmse_and_grads(
         float(eps),
         (_NO_COUNTS if counts is None else counts).numpy(),
     )
-    g["b_dec"] -= W_enc.detach() @ g["b_enc"]
-    g["W_enc"].copy_(gWencT.t())
+    if gWencT.data_ptr() != g["W_enc"].data_ptr():
+        g["W_enc"].copy_(gWencT.t())
     return x_hat, torch.tensor(recon, dtype=dt), g
 
 

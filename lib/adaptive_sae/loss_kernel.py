@@ -49,10 +49,9 @@ def _row_of(flat, r, F):  # pragma: no cover - compiled
     return r + 1 if flat >= (r + 1) * F else r
 
 
-def _nmse_grads(
-    x, xe, P, idx, W_encT, W_dec, b_dec, bias, x_hat, gx, gWencT, gb_enc, gW_dec, gb_dec, eps,
-    counts,
-):  # pragma: no cover - compiled
+def _nmse_grads(x, xe, P, idx, W_encT, W_dec, b_dec, bias, x_hat, gx, gWencT, gb_enc, gW_dec,
+                gb_dec, eps, counts):  # fmt: skip
+    # pragma: no cover - compiled
     """x: the target; xe: the encoder's input (x too, but for the auxiliary loss, whose target
     is the residual); bias: whether x̂ includes b_dec; counts: (F + B,) where the matches (the
     entries with P > 0) are counted by feature then by token, or (0,) for none."""

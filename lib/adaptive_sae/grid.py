@@ -70,7 +70,10 @@ class _Width:
         self.params: dict[str, Tensor] = {}
         for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
             own = [getattr(s, name) for s in saes]
-            stacked = torch.stack([p.detach() for p in own])
+            if name == "W_enc":  # each slice column-major, as a lone SAE's (the kernels' layout)
+                stacked = torch.stack([p.detach().t() for p in own]).transpose(1, 2)
+            else:
+                stacked = torch.stack([p.detach() for p in own])
             for i, p in enumerate(own):
                 p.data = stacked[i]  # the SAE's parameter now aliases its slice
             self.params[name] = stacked.requires_grad_(True)

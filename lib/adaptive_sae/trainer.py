@@ -389,13 +389,13 @@ class Trainer:
         else:
             mask, idx = self._dense_matches(P)
             x_hat, recon, grads, penalty = self._dense_grads(x_s, P, mask)
-        e = x_s - x_hat
-        aux, selection = x_s.new_zeros(()), None
+        aux, loss = x_s.new_zeros(()), recon
         if self.tcfg.aux_loss != "none":
+            e = x_s - x_hat
             aux, selection = self._aux_by_kernel(e, P, x_s, grads)
-        if aux is None:  # autograd, on the selection already made
-            aux = self._aux(e, P, x_s, sae, selection)
-        loss = recon + self.tcfg.aux_coef * aux if self.tcfg.aux_loss != "none" else recon
+            if aux is None:  # autograd, on the selection already made
+                aux = self._aux(e, P, x_s, sae, selection)
+            loss = recon + self.tcfg.aux_coef * aux
         if penalty is not None:
             loss = loss + penalty
         return x_hat, P, idx, loss, recon, aux, grads

@@ -183,3 +183,50 @@ def test_resampling_members_train_as_alone():
         alone = asae.train(cfg, tcfg, x)
         assert alone.history["resampled"].iloc[-1] > 0  # resampling happened
         _assert_same_run(run, alone, exact=False)
+
+
+def test_by_member_blocks_train_each_sae_exactly_as_alone(monkeypatch):
+    """Where every member takes the closed-form step the grid trains them member by member
+    in blocks (``GridTrainer._by_member``): each SAE's run is its lone run bit for bit, for
+    any block length, blocks ending at checkpoints; the callback sees every step in order."""
+    x = _data()
+    members = [
+        _member("topk", steps=20, checkpoint_every=7),
+        _member("feature_choice_zipf", aux="aux_zipf", seed=1, steps=20, checkpoint_every=7),
+        _member("relu_l1", F=32, steps=20, checkpoint_every=7),
+    ]
+    assert GridTrainer(members)._by_member()
+    alone = [asae.train(cfg, tcfg, x) for cfg, tcfg in members]
+    for block in (1, 3, 16):
+        monkeypatch.setattr("adaptive_sae.grid.BLOCK_STEPS", block)
+        seen: list[tuple[int, int]] = []
+
+        def note(step, rows, seen=seen):
+            seen.append((step, len(rows)))
+
+        runs = train_many(members, x, callback=note)
+        assert seen == [(s, 3) for s in range(20)]
+        for run, lone in zip(runs, alone):
+            _assert_same_run(run, lone, exact=True)
+            assert run.history.equals(lone.history)
+
+
+def test_a_member_failing_mid_block_leaves_every_sae_at_its_last_good_step(tmp_path):
+    """SAE 1 diverges at step 1 while SAE 0 has already trained through its block: the block is
+    replayed in lockstep, so SAE 0 is saved at step 1 too, with its lone run's weights there."""
+    members = [_member("topk"), _member("topk", lr=1e38)]
+    assert GridTrainer(members)._by_member()
+    with pytest.raises(asae.NonFiniteError, match=r"step 1: SAE 1's loss is (inf|nan)"):
+        train_many(members, _data(), checkpoint_dir=tmp_path)
+    saved = checkpoints.latest_checkpoint(tmp_path / "sae_000")
+    assert saved.name == "step_00000001"
+    lone = asae.Trainer(*members[0])
+
+    def stop_after_the_first(step, row):
+        raise _Stop
+
+    with pytest.raises(_Stop):
+        lone.fit(_data(), callback=stop_after_the_first)
+    assert lone.steps_done == 1
+    sae = asae.SparseAutoencoder.load(saved)
+    assert torch.equal(sae.W_enc, lone.sae.W_enc) and torch.equal(sae.W_dec, lone.sae.W_dec)

@@ -16,6 +16,12 @@ tests check every rule and both auxiliary losses, and resume). What is shared:
   fixed cost of a step is paid once per width, not once per SAE;
 - one backward pass for all losses; checks of non-finite values once per step for the set.
 
+Where every SAE takes its closed-form step (on a CPU at the suite's sizes: the compiled loss
+and update kernels, nothing computed for several SAEs at once), the grid instead trains each
+SAE through a block of up to ``BLOCK_STEPS`` steps on the block's batches (drawn once) before
+the next, so its weights and Adam state stay in cache; a non-finite value replays the block in
+lockstep, so a stop saves every SAE at the failing step as above.
+
 Per SAE remain what depends on its rule and state: the dense product P (one B×F buffer per SAE,
 computed where it stays in cache), the selection, the auxiliary loss, gradient clipping, Adam
 (its own optimiser, so its state and checkpoints are those of a lone run) and the statistics.
@@ -55,6 +61,12 @@ from .trainer import (
 )
 
 MANIFEST = "grid.json"
+
+BLOCK_STEPS = 16
+"""Where every SAE takes the closed-form step (``GridTrainer._by_member``), the grid trains
+each SAE through up to this many steps before the next (``GridTrainer.block_steps``): the
+batches of a block are drawn once and held (16 × B × d floats per seed), and blocks end where a
+checkpoint is due. Results do not depend on it."""
 
 
 def _member_dir(root: Path, i: int) -> Path:
@@ -190,6 +202,7 @@ class GridTrainer:
                 self.dense.append((i, t))
         self.widths = [_Width(m) for m in by_width.values()]
         self._ws = Workspace()  # one B×F buffer for the SAEs without an auxiliary loss
+        self.block_steps = BLOCK_STEPS
 
     @property
     def steps_done(self) -> int:
@@ -251,6 +264,41 @@ class GridTrainer:
         else:
             self._update(step)
         rows = [t._finish(*s) for t, s in zip(self.trainers, state)]
+        return rows
+
+    def _by_member(self) -> bool:
+        """Whether every SAE takes the closed-form step (a CPU's path at the suite's sizes):
+        then nothing of a step is computed for several SAEs at once, and each SAE runs the
+        steps of a block on its own, its weights and Adam state staying in cache (stepping
+        them all in lockstep was 15 % slower at 18 SAEs of d=64, F=512)."""
+        return all(t._closed_form_applies() for t in self.trainers)
+
+    def _run(self, block: list[list[Tensor]]) -> list[list[dict[str, float] | None]]:
+        """The steps of ``block`` (per step, one batch per member); their history rows. By
+        member where :meth:`_by_member`, else in lockstep. A non-finite value met by member
+        returns every SAE to the block's start and replays it in lockstep, which stops at the
+        failing step with every SAE's state of before it saved, as without blocks."""
+        if len(block) == 1 or not self._by_member():
+            return [self.step(xs) for xs in block]
+        snaps = [t.snapshot() for t in self.trainers]
+        dirs = [t.checkpoint_dir for t in self.trainers]
+        rows: list[list[dict[str, float] | None]] = [[None] * len(self.trainers) for _ in block]
+        try:
+            for t in self.trainers:  # a member's own stop must not save it alone
+                t.checkpoint_dir = None
+            for i, t in enumerate(self.trainers):
+                for s, xs in enumerate(block):
+                    rows[s][i] = t.step(xs[i])
+            return rows
+        except NonFiniteError:
+            pass
+        finally:
+            for t, d in zip(self.trainers, dirs):
+                t.checkpoint_dir = d
+        for t, snap in zip(self.trainers, snaps):
+            t.restore(snap)
+        rows = [self.step(xs) for xs in block]
+        self._fail(self.steps_done, "a non-finite value was met by one SAE but not on replay")
         return rows
 
     def _update_by_kernel(self, step: int) -> None:
@@ -420,7 +468,9 @@ class GridTrainer:
         callback: Callable[[int, list[dict[str, float] | None]], None] | None = None,
     ) -> list[TrainRun]:
         """Train every SAE until ``total_tokens`` on ``data`` (as :func:`adaptive_sae.train`
-        reads it), one pass; returns one TrainRun per member, in order."""
+        reads it), one pass; returns one TrainRun per member, in order. ``callback(step,
+        rows)`` follows each step (where SAEs train by member, each step of a block after the
+        block, before its checkpoint)."""
         B, d = self.batch_size, self.d_in
         if isinstance(data, np.ndarray) or (
             isinstance(data, (list, tuple)) and data and isinstance(data[0], (list, tuple))
@@ -448,23 +498,32 @@ class GridTrainer:
         every = self.trainers[0].tcfg.checkpoint_every
         while self.steps_done < self.n_steps:
             step = self.steps_done
-            batches = {}
-            for k, s in streams.items():
-                try:
-                    batches[k] = next(s)
-                except StopIteration:
-                    self.save_checkpoint()
-                    raise ValueError(
-                        f"the data ran out after {step} batches but total_tokens asks for "
-                        f"{self.n_steps}; pass more data or lower total_tokens."
-                    ) from None
-            rows = self.step([batches[k] for k in keys])
+            end = self.n_steps
+            if every:  # a block ends where a checkpoint is due
+                end = min(end, (step // every + 1) * every)
+            end = min(end, step + (self.block_steps if self._by_member() else 1))
+            block = []
+            for _ in range(step, end):
+                batches = {}
+                for k, stream in streams.items():
+                    batches[k] = next(stream, None)
+                if any(b is None for b in batches.values()):
+                    break
+                block.append([batches[k] for k in keys])
+            rows = self._run(block) if block else []
+            for i, r in enumerate(rows):
+                if bar is not None:
+                    bar.update(1)
+                if callback is not None:
+                    callback(step + i, r)
+            if len(block) < end - step:
+                self.save_checkpoint()
+                raise ValueError(
+                    f"the data ran out after {self.steps_done} batches but total_tokens asks "
+                    f"for {self.n_steps}; pass more data or lower total_tokens."
+                )
             if every and self.steps_done % every == 0 and self.steps_done < self.n_steps:
                 self.save_checkpoint()
-            if bar is not None:
-                bar.update(1)
-            if callback is not None:
-                callback(step, rows)
         if bar is not None:
             bar.close()
         self.save_checkpoint()

@@ -515,17 +515,32 @@ class Trainer:
         return row
 
     # -- non-finite checks read every check_every steps --
+    def snapshot(self) -> dict[str, Any]:
+        """A copy of the training state (weights, optimiser, statistics, rule state, history
+        length, step) that :meth:`restore` returns to."""
+        clone = lambda d: {k: v.detach().clone() for k, v in d.items()}  # noqa: E731
+        return {
+            "step": self.steps_done,
+            "sae": clone(self.sae.state_dict()),
+            "opt": copy.deepcopy(self.opt.state_dict()),
+            "stats": clone(self.stats.state_dict()),
+            "rule_state": dict(self.rule_state),
+            "rows": len(self.rows),
+        }
+
+    def restore(self, snap: dict[str, Any]) -> None:
+        """Back to the state of a :meth:`snapshot` (the parameters are written in place)."""
+        self.sae.load_state_dict(snap["sae"])
+        self.opt.load_state_dict(snap["opt"])
+        self.stats.load_state_dict(snap["stats"])
+        self.rule_state, self.rows = dict(snap["rule_state"]), self.rows[: snap["rows"]]
+        self.steps_done = snap["step"]
+
     def _open_window(self, x: Tensor) -> None:
         """Keep the batch; at the start of a window, the state to replay it from."""
         if self._window is None:
-            clone = lambda d: {k: v.detach().clone() for k, v in d.items()}  # noqa: E731
             self._window = {
-                "step": self.steps_done,
-                "sae": clone(self.sae.state_dict()),
-                "opt": copy.deepcopy(self.opt.state_dict()),
-                "stats": clone(self.stats.state_dict()),
-                "rule_state": dict(self.rule_state),
-                "rows": len(self.rows),
+                **self.snapshot(),
                 "batches": [],
                 "flags": torch.zeros(self.check_every, 3, dtype=torch.bool, device=self.device),
             }
@@ -545,11 +560,7 @@ class Trainer:
         w, self._window = self._window, None
         if w is None or not bool(w["flags"].any()):
             return
-        self.sae.load_state_dict(w["sae"])
-        self.opt.load_state_dict(w["opt"])
-        self.stats.load_state_dict(w["stats"])
-        self.rule_state, self.rows = w["rule_state"], self.rows[: w["rows"]]
-        self.steps_done = w["step"]
+        self.restore(w)
         every, self.check_every = self.check_every, 1
         try:
             for x in w["batches"]:

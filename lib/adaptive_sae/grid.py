@@ -76,13 +76,15 @@ def _member_dir(root: Path, i: int) -> Path:
 class _Width:
     """The SAEs of one width: their parameters stacked, each SAE's parameters views of them."""
 
-    def __init__(self, members: list[tuple[int, Trainer]]):
+    def __init__(self, members: list[tuple[int, Trainer]], column_major: bool = False):
+        """``column_major``: each SAE's slice of the stacked W_enc in a lone SAE's layout (what
+        the loss kernel writes its gradient into); else the stack is contiguous."""
         self.slots = members
         saes = [t.sae for _, t in members]
         self.params: dict[str, Tensor] = {}
         for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
             own = [getattr(s, name) for s in saes]
-            if name == "W_enc":  # each slice column-major, as a lone SAE's (the kernels' layout)
+            if name == "W_enc" and column_major:
                 stacked = torch.stack([p.detach().t() for p in own]).transpose(1, 2)
             else:
                 stacked = torch.stack([p.detach() for p in own])
@@ -200,7 +202,8 @@ class GridTrainer:
                 by_width.setdefault(t.cfg.n_features, []).append((i, t))
             else:
                 self.dense.append((i, t))
-        self.widths = [_Width(m) for m in by_width.values()]
+        by_member = self._by_member()
+        self.widths = [_Width(m, column_major=by_member) for m in by_width.values()]
         self._ws = Workspace()  # one B×F buffer for the SAEs without an auxiliary loss
         self.block_steps = BLOCK_STEPS
 

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-from . import zipf
+from . import selection_kernels, zipf
 
 
 class FeatureStats:
@@ -75,7 +75,10 @@ class FeatureStats:
     def refit(self) -> None:
         """Refit the Zipf law and recompute the underutilised set and deficits."""
         dens = self.densities
-        self.fit = zipf.fit_zipf(dens, self.head_fraction, start=self.fit)
+        # from the last fit where the fast paths are on (ADAPTIVE_SAE_KERNELS=0: from the
+        # log-log line every time, as the committed results were computed)
+        start = self.fit if selection_kernels.use_kernels else None
+        self.fit = zipf.fit_zipf(dens, self.head_fraction, start=start)
         mask, deficit = zipf.zipf_deficits(dens, self.gamma, self.fit)
         self.underutilised_mask = mask | self.dead_mask
         self.deficits = deficit.float()

@@ -125,8 +125,9 @@ def fit_zipf(
     ``min_points``); the scale is then set so the law sums to Σ densities over all F ranks.
     With fewer than ``min_points`` live features no law can be fitted: alpha is NaN and the
     prediction is 0 everywhere. ``start``, an earlier fit (a refit during training), starts the
-    search at its alpha and beta (and the scale that fits best with them): a few iterations
-    where a start from the log-log line takes tens.
+    search at its alpha and beta (and the scale that fits best with them) and takes the exact
+    Jacobian: about ten iterations, each a third of the cost, where a start from the log-log
+    line with finite differences (``start=None``) takes tens.
     """
     rho = np.sort(np.asarray(torch.as_tensor(densities).double().cpu()))[::-1]
     if rho.ndim != 1:
@@ -145,12 +146,13 @@ def fit_zipf(
         log_c, a, b = p
         return log_c - a * np.log(r + b) - y
 
-    def jac(p: np.ndarray) -> np.ndarray:  # exact: a third of the finite differences' cost
+    def jac(p: np.ndarray) -> np.ndarray:
         _, a, b = p
         return np.stack([np.ones_like(r), -np.log(r + b), -a / (r + b)], axis=1)
 
     upper_b = 10.0 * n_fit
-    if start is not None and math.isfinite(start.alpha) and math.isfinite(start.beta):
+    warm = start is not None and math.isfinite(start.alpha) and math.isfinite(start.beta)
+    if warm:
         a0, b0 = min(max(start.alpha, 1e-3), 20.0), min(max(start.beta, 0.0), upper_b)
         x0 = np.array([float(np.mean(y + a0 * np.log(r + b0))), a0, b0])
     else:
@@ -159,7 +161,7 @@ def fit_zipf(
     sol = least_squares(
         resid,
         x0,
-        jac=jac,
+        jac=jac if warm else "2-point",
         bounds=([-np.inf, 0.0, 0.0], [np.inf, 20.0, upper_b]),
         method="trf",
     )

@@ -639,7 +639,7 @@ class Trainer:
         return self._finish(x_s, x_hat, matched, loss, recon, aux, lr)
 
     @torch.no_grad()
-    def _observe(self, P: Tensor, idx: Tensor) -> Tensor:
+    def _observe(self, P: Tensor, idx: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         """Feature statistics and the rule's observation of this step's affinities and
         selection (neither reads the parameters); returns the matches (selected, P > 0): flat
         indices, a (B, F) mask where the rule selected by one (``select_mask``), or their

@@ -160,14 +160,14 @@ def test_training_is_bit_identical_with_and_without_kernels(rule, aux, monkeypat
     and torch.topk an unspecified one: equally exact selections, different runs.) The loss
     and update kernels, which sum in another order, are off in both runs
     (``tests/test_loss_kernel.py``, ``tests/test_update_kernel.py``), and both refit the Zipf
-    law cold (the warm start goes with the fast-path switch this test flips)."""
+    law by the trust-region fit (the profile fit goes with the switch this test flips)."""
     import adaptive_sae as asae
     from adaptive_sae import zipf
 
     monkeypatch.setattr(asae.Trainer, "_closed_form_applies", lambda self: False)
     monkeypatch.setattr(asae.Trainer, "_update_kernel_applies", lambda self: False)
-    cold = zipf.fit_zipf
-    monkeypatch.setattr(zipf, "fit_zipf", lambda d, h=0.5, start=None: cold(d, h))
+    trf = zipf.fit_zipf
+    monkeypatch.setattr(zipf, "fit_zipf", lambda d, h=0.5, method="trf": trf(d, h))
     data = torch.randn(128 * 12, 16, generator=torch.Generator().manual_seed(0))
     runs = []
     for on in (True, False):

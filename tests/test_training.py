@@ -15,6 +15,7 @@ import oracles
 import pandas as pd
 import pytest
 import torch
+from adaptive_sae import selection_kernels
 from adaptive_sae.config import ConfigError, check_compatible
 from adaptive_sae.trainer import batch_stream
 
@@ -357,9 +358,14 @@ def test_training_equals_training_with_the_oracle_forward(rule, aux, monkeypatch
             atol=1e-5,
         )
     # the auxiliary loss is exercised (aux_k needs dead features, which Feature Choice, giving
-    # every feature its capacity, and ReLU+L1, dense at the start, do not have)
-    if aux.startswith("aux_zipf") or (aux == "aux_k" and rule in ("topk", "mutual_choice")):
+    # every feature its capacity, and ReLU+L1, dense at the start, do not have; aux_zipf needs
+    # features below the fitted law, which uniform Feature Choice, every feature matching its
+    # equal capacity, does not have: its law is flat)
+    zipf_active = aux.startswith("aux_zipf") and rule != "feature_choice"
+    if zipf_active or (aux == "aux_k" and rule in ("topk", "mutual_choice")):
         assert (oracle["aux_loss"] > 0).any(), "the auxiliary loss should be active in this test"
+    if aux.startswith("aux_zipf") and rule == "feature_choice" and selection_kernels.use_kernels:
+        assert (library["underutilised_pct"] == 0).all()  # equal densities: none below the law
 
 
 @pytest.mark.parametrize("share", [1, 10**9])  # the mask's indices / the mask itself

@@ -75,10 +75,10 @@ class FeatureStats:
     def refit(self) -> None:
         """Refit the Zipf law and recompute the underutilised set and deficits."""
         dens = self.densities
-        # from the last fit where the fast paths are on (ADAPTIVE_SAE_KERNELS=0: from the
-        # log-log line every time, as the committed results were computed)
-        start = self.fit if selection_kernels.use_kernels else None
-        self.fit = zipf.fit_zipf(dens, self.head_fraction, start=start)
+        # the profile fit where the fast paths are on (ADAPTIVE_SAE_KERNELS=0: scipy's
+        # trust-region fit, as the committed results were computed)
+        method = "profile" if selection_kernels.use_kernels else "trf"
+        self.fit = zipf.fit_zipf(dens, self.head_fraction, method=method)
         mask, deficit = zipf.zipf_deficits(dens, self.gamma, self.fit)
         self.underutilised_mask = mask | self.dead_mask
         self.deficits = deficit.float()

@@ -63,7 +63,7 @@ from .trainer import (
 MANIFEST = "grid.json"
 
 BLOCK_STEPS = 16
-"""Where every SAE takes the closed-form step (``GridTrainer._by_member``), the grid trains
+"""Where every SAE takes the closed-form step (``GridTrainer.by_member``), the grid trains
 each SAE through up to this many steps before the next (``GridTrainer.block_steps``): the
 batches of a block are drawn once and held (16 × B × d floats per seed), and blocks end where a
 checkpoint is due. Results do not depend on it."""
@@ -142,13 +142,6 @@ class _Width:
             p.grad = None
 
 
-def _clip(t: Trainer) -> Tensor:
-    params = list(t.sae.parameters())
-    if t.tcfg.grad_clip > 0:
-        return torch.nn.utils.clip_grad_norm_(params, t.tcfg.grad_clip)
-    return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
-
-
 class GridTrainer:
     """Train a set of SAEs (``members``: (SAEConfig, TrainConfig) pairs) in one pass.
 
@@ -202,8 +195,9 @@ class GridTrainer:
                 by_width.setdefault(t.cfg.n_features, []).append((i, t))
             else:
                 self.dense.append((i, t))
-        by_member = self._by_member()
-        self.widths = [_Width(m, column_major=by_member) for m in by_width.values()]
+        # decided once: the stacked layout and the fit loop follow it
+        self.by_member = self._by_member()
+        self.widths = [_Width(m, column_major=self.by_member) for m in by_width.values()]
         self._ws = Workspace()  # one B×F buffer for the SAEs without an auxiliary loss
         self.block_steps = BLOCK_STEPS
 
@@ -278,10 +272,10 @@ class GridTrainer:
 
     def _run(self, block: list[list[Tensor]]) -> list[list[dict[str, float] | None]]:
         """The steps of ``block`` (per step, one batch per member); their history rows. By
-        member where :meth:`_by_member`, else in lockstep. A non-finite value met by member
+        member where ``by_member``, else in lockstep. A non-finite value met by member
         returns every SAE to the block's start and replays it in lockstep, which stops at the
         failing step with every SAE's state of before it saved, as without blocks."""
-        if len(block) == 1 or not self._by_member():
+        if len(block) == 1 or not self.by_member:
             return [self.step(xs) for xs in block]
         snaps = [t.snapshot() for t in self.trainers]
         dirs = [t.checkpoint_dir for t in self.trainers]
@@ -322,7 +316,7 @@ class GridTrainer:
             norms.append(w.project_and_clip())
         for _, t in self.dense:
             t.sae.remove_parallel_grad()
-            norms.append(_clip(t).reshape(1))
+            norms.append(t._clip_grads().reshape(1))
         order = [i for w in self.widths for i, _ in w.slots] + [i for i, _ in self.dense]
         norms_ = torch.cat(norms)
         if not bool(torch.isfinite(norms_).all()):
@@ -504,7 +498,7 @@ class GridTrainer:
             end = self.n_steps
             if every:  # a block ends where a checkpoint is due
                 end = min(end, (step // every + 1) * every)
-            end = min(end, step + (self.block_steps if self._by_member() else 1))
+            end = min(end, step + (self.block_steps if self.by_member else 1))
             block = []
             for _ in range(step, end):
                 batches = {}

@@ -607,21 +607,23 @@ class Trainer:
     def _update(self) -> None:
         """Project the decoder's gradient, clip the gradient (stop on a non-finite one), take
         the optimiser step and renormalise the decoder: by ``update_kernel`` where it applies."""
-        sae, clip = self.sae, self.tcfg.grad_clip
+        sae = self.sae
         if self._update_kernel_applies():
             gnorm = update_kernel.project_and_norm(sae)
             self._check_grad_norm(torch.tensor(gnorm))
-            update_kernel.clip_adam_and_renormalize(sae, self.opt, gnorm, clip)
+            update_kernel.clip_adam_and_renormalize(sae, self.opt, gnorm, self.tcfg.grad_clip)
             return
         sae.remove_parallel_grad()
-        params = list(sae.parameters())
-        if clip > 0:
-            gnorm = torch.nn.utils.clip_grad_norm_(params, clip)
-        else:
-            gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
-        self._check_grad_norm(gnorm)
+        self._check_grad_norm(self._clip_grads())
         adam_steps([self])
         sae.normalize_decoder()
+
+    def _clip_grads(self) -> Tensor:
+        """Clip the gradient norm to ``grad_clip`` (0: no clipping); the norm before it."""
+        params = list(self.sae.parameters())
+        if self.tcfg.grad_clip > 0:
+            return torch.nn.utils.clip_grad_norm_(params, self.tcfg.grad_clip)
+        return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
 
     def _update_kernel_applies(self) -> bool:
         """Whether ``update_kernel`` takes the update (one process; see its ``applies``)."""

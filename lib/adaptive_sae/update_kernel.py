@@ -94,9 +94,9 @@ def _dense(t: Tensor) -> bool:
     return True
 
 
-def _flat(t: Tensor) -> np.ndarray:
-    """A dense tensor's elements in memory order, as a 1-D numpy view (no copy)."""
-    return t.detach().as_strided((t.numel(),), (1,)).numpy()
+def _flat(t: Tensor) -> Tensor:
+    """A dense tensor's elements in memory order, as a 1-D view (no copy)."""
+    return t.detach().as_strided((t.numel(),), (1,))
 
 
 def applies(sae, opt: torch.optim.Optimizer) -> bool:
@@ -137,9 +137,9 @@ def project_and_norm(sae) -> float:
     s = _kernels()["project"](
         sae.W_dec.detach().numpy(),
         g["W_dec"].numpy(),
-        _flat(g["W_enc"]),
-        _flat(g["b_enc"]),
-        _flat(g["b_dec"]),
+        _flat(g["W_enc"]).numpy(),
+        _flat(g["b_enc"]).numpy(),
+        _flat(g["b_dec"]).numpy(),
     )
     return math.sqrt(s)
 
@@ -158,13 +158,12 @@ def clip_adam_and_renormalize(sae, opt: torch.optim.Optimizer, gnorm: float, cli
     state = [opt.state[p] for p in params]
     steps = [s["step"] for s in state]
     torch._foreach_add_(steps, 1)  # as Adam does before its fused kernel, which reads t
-    flat = lambda ts: [t.as_strided((t.numel(),), (1,)) for t in ts]  # noqa: E731
     beta1, beta2 = group["betas"]
     torch._fused_adam_(
-        flat([p.detach() for p in params]),
-        flat(grads),
-        flat([s["exp_avg"] for s in state]),
-        flat([s["exp_avg_sq"] for s in state]),
+        [_flat(p) for p in params],
+        [_flat(g) for g in grads],
+        [_flat(s["exp_avg"]) for s in state],
+        [_flat(s["exp_avg_sq"]) for s in state],
         [],
         steps,
         lr=float(group["lr"]),

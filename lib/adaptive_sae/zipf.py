@@ -147,22 +147,8 @@ def fit_zipf(
         return ZipfFit(float("nan"), float("nan"), float("nan"), float("nan"), int(live.size))
     y = np.log(live[:n_fit])
     r = np.arange(1, n_fit + 1, dtype=np.float64)
-    upper_b = 10.0 * n_fit
-    if method == "profile":
-        a, b, ss_res = _fit_profile(y, r, upper_b)
-    else:
-
-        def resid(p: np.ndarray) -> np.ndarray:
-            log_c, a, b = p
-            return log_c - a * np.log(r + b) - y
-
-        slope, intercept = np.polyfit(np.log(r), y, 1)
-        x0 = np.array([intercept, max(-slope, 1e-3), 0.0])
-        sol = least_squares(
-            resid, x0, bounds=([-np.inf, 0.0, 0.0], [np.inf, 20.0, upper_b]), method="trf"
-        )
-        _, a, b = sol.x
-        ss_res = float((sol.fun**2).sum())
+    fit = _fit_profile if method == "profile" else _fit_trust_region
+    a, b, ss_res = fit(y, r, 10.0 * n_fit)
     ss_tot = float(((y - y.mean()) ** 2).sum())
     r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
     shape = (np.arange(1, F + 1, dtype=np.float64) + b) ** (-a)
@@ -170,25 +156,43 @@ def fit_zipf(
     return ZipfFit(float(a), float(b), scale, float(r2), int(n_fit))
 
 
+def _fit_trust_region(y: np.ndarray, r: np.ndarray, upper_b: float) -> tuple[float, float, float]:
+    """(α, β, residual sum of squares) of log ρ ≈ log c − α·log(r + β) by scipy's bounded
+    trust-region least squares from the log-log line."""
+
+    def resid(p: np.ndarray) -> np.ndarray:
+        log_c, a, b = p
+        return log_c - a * np.log(r + b) - y
+
+    slope, intercept = np.polyfit(np.log(r), y, 1)
+    x0 = np.array([intercept, max(-slope, 1e-3), 0.0])
+    sol = least_squares(
+        resid, x0, bounds=([-np.inf, 0.0, 0.0], [np.inf, 20.0, upper_b]), method="trf"
+    )
+    _, a, b = sol.x
+    return a, b, float((sol.fun**2).sum())
+
+
 def _fit_profile(y: np.ndarray, r: np.ndarray, upper_b: float) -> tuple[float, float, float]:
-    """(α, β, residual sum of squares) of log ρ ≈ log c − α·log(r + β) by variable projection:
-    for each β the best α (clipped to [0, 20]) and log c are a line fit's; β by a bounded
-    Brent search on [0, upper_b], its ends compared too."""
+    """(α, β, residual sum of squares) as ``_fit_trust_region``, by variable projection: for
+    each β the best α (clipped to [0, 20]) and log c are a line fit's; β by a bounded Brent
+    search on [0, upper_b], its ends compared too."""
     y_mean = y.mean()
 
-    def profile(b: float) -> tuple[float, float]:
+    def profile(b: float) -> tuple[float, float, float]:
         u = np.log(r + b)
         du = u - u.mean()
         a = min(max(-float(du @ (y - y_mean)) / float(du @ du), 0.0), 20.0) + 0.0  # not -0
         res = (y_mean + a * u.mean()) - a * u - y
-        return float(res @ res), a
+        return float(res @ res), a, b
 
     sol = minimize_scalar(
         lambda b: profile(b)[0], bounds=(0.0, upper_b), method="bounded", options={"xatol": 1e-4}
     )
-    best = min((profile(b)[0], b) for b in (float(sol.x), 0.0, upper_b))
-    ss_res, b = best
-    return profile(b)[1], b, ss_res
+    ss_res, a, b = min(
+        (profile(b) for b in (float(sol.x), 0.0, upper_b)), key=lambda t: (t[0], t[2])
+    )
+    return a, b, ss_res
 
 
 def density_ranks(densities: Tensor) -> Tensor:

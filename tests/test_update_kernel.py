@@ -109,7 +109,7 @@ def test_hand_built_projection_and_norm():
     assert torch.equal(sae.W_dec.grad, torch.tensor([[0.0, 4.0], [5.0, 0.0]]))
 
 
-def test_applies_only_where_it_computes_what_adam_would():
+def test_applies_only_where_it_computes_what_adam_would(monkeypatch):
     sae, opt = _sae_and_opt(4, 8, torch.float32, True, 0)
     assert update_kernel.applies(sae, opt)
     for adam in ({"weight_decay": 0.1}, {"amsgrad": True}, {"maximize": True}):
@@ -121,11 +121,9 @@ def test_applies_only_where_it_computes_what_adam_would():
     sae.W_enc.grad = g.contiguous()  # a gradient in another layout than its parameter
     assert not update_kernel.applies(sae, opt)
     sae.W_enc.grad = g
-    try:
-        selection_kernels.use_kernels = False
+    with monkeypatch.context() as m:
+        m.setattr(selection_kernels, "use_kernels", False)
         assert not update_kernel.applies(sae, opt)
-    finally:
-        selection_kernels.use_kernels = True
     assert update_kernel.applies(sae, opt)
 
 
@@ -136,11 +134,11 @@ def test_dense_layouts():
     assert update_kernel._dense(torch.zeros(4, 1, 3).transpose(0, 2))
 
 
-def _run(rule, monkeypatch=None, aux="none"):
+def _run(rule):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4096, 16, generator=g)
     cfg = asae.SAEConfig(d_in=16, n_features=64, rule=rule, k=4)
-    tcfg = asae.TrainConfig(batch_size=128, total_tokens=128 * 30, lr=3e-3, aux_loss=aux,
+    tcfg = asae.TrainConfig(batch_size=128, total_tokens=128 * 30, lr=3e-3,
                             log_every=5, dead_window_tokens=512, seed=0)  # fmt: skip
     t = asae.Trainer(cfg, tcfg)
     run = t.fit(x)
@@ -174,7 +172,7 @@ def test_training_with_the_update_kernel_equals_training_without(rule, monkeypat
     )
 
 
-def test_a_non_finite_gradient_stops_before_the_update(tmp_path):
+def test_a_non_finite_gradient_stops_before_the_update(tmp_path, monkeypatch):
     """The kernel path checks the norm before anything changes: a NaN gradient stops training
     with the state of before the step saved."""
     g = torch.Generator().manual_seed(0)
@@ -193,10 +191,7 @@ def test_a_non_finite_gradient_stops_before_the_update(tmp_path):
         sae.b_enc.grad[0] = float("nan")
         return real(sae)
 
-    update_kernel.project_and_norm, saved = poisoned, real
-    try:
-        with pytest.raises(NonFiniteError, match="gradient is non-finite"):
-            t.step(x[256:384])
-    finally:
-        update_kernel.project_and_norm = saved
+    monkeypatch.setattr(update_kernel, "project_and_norm", poisoned)
+    with pytest.raises(NonFiniteError, match="gradient is non-finite"):
+        t.step(x[256:384])
     assert torch.equal(t.sae.W_enc.detach(), before)

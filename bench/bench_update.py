@@ -52,9 +52,11 @@ def time_size(d: int, F: int, repeats: int) -> tuple[float, float]:
         adam_steps([t])
         t.sae.normalize_decoder()
 
+    plan = update_kernel.plan_for(t.sae, t.opt)
+
     def by_kernel():
-        gnorm = update_kernel.project_and_norm(t.sae)
-        update_kernel.clip_adam_and_renormalize(t.sae, t.opt, gnorm, clip)
+        gnorm = update_kernel.project_and_norm(plan)
+        update_kernel.clip_adam_and_renormalize(plan, gnorm, clip)
 
     by_kernel()  # compiled (or loaded from numba's cache) before timing
     return (

@@ -62,7 +62,7 @@ def test_every_rule_in_one_grid_trains_as_alone(aux, loss_kernel, monkeypatch):
     (a CPU's path) and without them (the stacked autograd and update an accelerator takes)."""
     if not loss_kernel:
         monkeypatch.setattr(asae.Trainer, "_closed_form_applies", lambda self: False)
-        monkeypatch.setattr(asae.Trainer, "_update_kernel_applies", lambda self: False)
+        monkeypatch.setattr(asae.Trainer, "_kernel_plan", lambda self: None)
     x = _data()
     members = [
         _member(r, F=64 if i % 2 else 96, seed=i % 2, aux=aux, lr=1e-3 if i % 3 else 3e-3)

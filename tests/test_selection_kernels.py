@@ -165,7 +165,7 @@ def test_training_is_bit_identical_with_and_without_kernels(rule, aux, monkeypat
     from adaptive_sae import zipf
 
     monkeypatch.setattr(asae.Trainer, "_closed_form_applies", lambda self: False)
-    monkeypatch.setattr(asae.Trainer, "_update_kernel_applies", lambda self: False)
+    monkeypatch.setattr(asae.Trainer, "_kernel_plan", lambda self: None)
     trf = zipf.fit_zipf
     monkeypatch.setattr(zipf, "fit_zipf", lambda d, h=0.5, method="trf": trf(d, h))
     data = torch.randn(128 * 12, 16, generator=torch.Generator().manual_seed(0))

@@ -10,6 +10,7 @@ import adaptive_sae as asae
 import pytest
 import torch
 from adaptive_sae import selection_kernels, update_kernel
+from adaptive_sae.grid import GridTrainer
 from adaptive_sae.trainer import NonFiniteError
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -85,8 +86,9 @@ def test_update_equals_the_torch_calls(d, F, column_major, clip, dtype, seed):
     b_sae, b_opt = _sae_and_opt(d, F, dtype, column_major, seed)
     assert update_kernel.applies(a_sae, a_opt)
     want_norm = _torch_update(b_sae, b_opt, clip)
-    got_norm = update_kernel.project_and_norm(a_sae)
-    update_kernel.clip_adam_and_renormalize(a_sae, a_opt, got_norm, clip)
+    plan = update_kernel.plan_for(a_sae, a_opt)
+    got_norm = update_kernel.project_and_norm(plan)
+    update_kernel.clip_adam_and_renormalize(plan, got_norm, clip)
     assert got_norm == pytest.approx(want_norm, rel=1e-5)
     a, b = _state(a_sae, a_opt), _state(b_sae, b_opt)
     tol = 1e-5 if dtype == torch.float32 else 1e-10
@@ -105,7 +107,8 @@ def test_hand_built_projection_and_norm():
     sae.W_dec.grad.copy_(torch.tensor([[3.0, 4.0], [5.0, 12.0]]))
     for name in ("W_enc", "b_enc", "b_dec"):
         getattr(sae, name).grad.zero_()
-    assert update_kernel.project_and_norm(sae) == pytest.approx(math.sqrt(41.0), rel=1e-7)
+    plan = update_kernel.plan_for(sae, opt)
+    assert update_kernel.project_and_norm(plan) == pytest.approx(math.sqrt(41.0), rel=1e-7)
     assert torch.equal(sae.W_dec.grad, torch.tensor([[0.0, 4.0], [5.0, 0.0]]))
 
 
@@ -125,6 +128,49 @@ def test_applies_only_where_it_computes_what_adam_would(monkeypatch):
         m.setattr(selection_kernels, "use_kernels", False)
         assert not update_kernel.applies(sae, opt)
     assert update_kernel.applies(sae, opt)
+
+
+def test_a_plan_holds_while_its_tensors_are_the_same_and_not_after_any_changes(monkeypatch):
+    sae, opt = _sae_and_opt(4, 8, torch.float32, True, 0)
+    plan = update_kernel.plan_for(sae, opt)
+    assert plan is not None and plan.holds(sae, opt)
+    assert update_kernel.plan_for(sae, opt, plan) is plan
+    with monkeypatch.context() as m:
+        m.setattr(selection_kernels, "use_kernels", False)
+        assert not plan.holds(sae, opt) and update_kernel.plan_for(sae, opt, plan) is None
+    g = sae.b_enc.grad
+    sae.b_enc.grad = g.clone()  # autograd accumulating out of place
+    assert not plan.holds(sae, opt)
+    assert update_kernel.plan_for(sae, opt, plan).grads[1] is sae.b_enc.grad
+    sae.b_enc.grad = g
+    opt.load_state_dict(opt.state_dict())  # a restored optimiser: new state tensors
+    assert not plan.holds(sae, opt)
+    plan = update_kernel.plan_for(sae, opt)
+    sae.W_dec.data = sae.W_dec.data.clone()  # the same Parameter, other memory
+    assert not plan.holds(sae, opt)
+    plan = update_kernel.plan_for(sae, opt)
+    opt.param_groups[0]["weight_decay"] = 0.1
+    assert not plan.holds(sae, opt) and update_kernel.plan_for(sae, opt, plan) is None
+
+
+def test_a_training_step_keeps_its_plan_and_its_gradient_buffers():
+    """A lone SAE's closed-form step writes its gradients into the same tensors, so the plan
+    of one step holds for the next (it is not rebuilt), until the state is restored."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1024, 16, generator=g)
+    cfg = asae.SAEConfig(d_in=16, n_features=64, rule="topk", k=4)
+    t = asae.Trainer(cfg, asae.TrainConfig(batch_size=128, total_tokens=128 * 8, seed=0))
+    t.init_from_data(x[:128])
+    t.step(x[:128])
+    t.step(x[128:256])
+    plan, grad = t._update_plan, t.sae.W_enc.grad
+    assert plan is not None
+    snap = t.snapshot()
+    t.step(x[256:384])
+    assert t._update_plan is plan and t.sae.W_enc.grad is grad
+    t.restore(snap)
+    t.step(x[256:384])
+    assert t._update_plan is not plan and t._update_plan is not None
 
 
 def test_dense_layouts():
@@ -156,7 +202,7 @@ def test_training_with_the_update_kernel_equals_training_without(rule, monkeypat
     )
     with_k, tk = _run(rule)
     assert len(calls) == 29
-    monkeypatch.setattr(asae.Trainer, "_update_kernel_applies", lambda self: False)
+    monkeypatch.setattr(asae.Trainer, "_kernel_plan", lambda self: None)
     without, tw = _run(rule)
     for name in NAMES:
         torch.testing.assert_close(
@@ -183,15 +229,72 @@ def test_a_non_finite_gradient_stops_before_the_update(tmp_path, monkeypatch):
     t.init_from_data(x[:128])
     t.step(x[:128])
     t.step(x[128:256])
-    assert t._update_kernel_applies()
+    assert t._kernel_plan() is not None
     before = t.sae.W_enc.detach().clone()
     real = update_kernel.project_and_norm
 
-    def poisoned(sae):
-        sae.b_enc.grad[0] = float("nan")
-        return real(sae)
+    def poisoned(plan):
+        t.sae.b_enc.grad[0] = float("nan")
+        return real(plan)
 
     monkeypatch.setattr(update_kernel, "project_and_norm", poisoned)
     with pytest.raises(NonFiniteError, match="gradient is non-finite"):
         t.step(x[256:384])
     assert torch.equal(t.sae.W_enc.detach(), before)
+
+
+def _flushes() -> bool:
+    """Whether float32 arithmetic on this thread flushes a subnormal result to zero."""
+    return float(torch.tensor(1e-38, dtype=torch.float32) * 0.5) == 0.0
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_training_flushes_subnormals_with_the_fast_paths_and_restores_the_mode(
+    kernels, monkeypatch
+):
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this processor cannot flush subnormals")
+    monkeypatch.setattr(selection_kernels, "use_kernels", kernels)
+    seen = []
+    cfg = asae.SAEConfig(d_in=8, n_features=16, rule="topk", k=2)
+    tcfg = asae.TrainConfig(batch_size=32, total_tokens=32 * 4, seed=0, init_sample_tokens=32)
+    data = torch.randn(32 * 6, 8, generator=torch.Generator().manual_seed(0))
+    asae.Trainer(cfg, tcfg).fit(data, callback=lambda step, row: seen.append(_flushes()))
+    assert seen == [kernels] * 4
+    assert not _flushes()  # the mode found on entry, back
+    grid = GridTrainer([(cfg, tcfg), (cfg, tcfg)])
+    grid.fit(data, callback=lambda step, rows: seen.append(_flushes()))
+    assert seen[4:] == [kernels] * 4 and not _flushes()
+    torch.set_flush_denormal(True)  # a mode set by the caller survives training
+    try:
+        asae.Trainer(cfg, tcfg).fit(data)
+        assert _flushes()
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def test_adam_moments_of_a_parameter_without_gradient_reach_zero_when_flushed(monkeypatch):
+    """The moment of an entry whose gradient stays zero: stuck among the subnormals in IEEE
+    arithmetic, zero within denormals_flushed (the slow arithmetic this avoids)."""
+    monkeypatch.setattr(selection_kernels, "use_kernels", True)
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = torch.optim.Adam([p], lr=1e-3, fused=True)
+
+    def steps(n):
+        for _ in range(n):
+            p.grad = torch.zeros(4)
+            opt.step()
+
+    p.grad = torch.ones(4)
+    opt.step()
+    steps(1200)  # 0.9 ** 1200 · 0.1 is far below the smallest float32
+    stuck = float(opt.state[p]["exp_avg"][0])
+    assert 0.0 < stuck < 2.0**-126  # subnormal, and stuck there: 0.9 × 4·2⁻¹⁴⁹ rounds back
+    steps(10)
+    assert float(opt.state[p]["exp_avg"][0]) == stuck
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this processor cannot flush subnormals")
+    with update_kernel.denormals_flushed("cpu"):
+        steps(1)
+        assert float(opt.state[p]["exp_avg"][0]) == 0.0
+    assert not _flushes()

@@ -256,8 +256,9 @@ class GridTrainer:
             total.backward()
         for w in self.widths:
             w.hand_out_grads()
-        if all(t._update_kernel_applies() for t in self.trainers):
-            self._update_by_kernel(step)
+        plans = [t._kernel_plan() for t in self.trainers]
+        if all(p is not None for p in plans):
+            self._update_by_kernel(step, plans)
         else:
             self._update(step)
         rows = [t._finish(*s) for t, s in zip(self.trainers, state)]
@@ -298,15 +299,16 @@ class GridTrainer:
         self._fail(self.steps_done, "a non-finite value was met by one SAE but not on replay")
         return rows
 
-    def _update_by_kernel(self, step: int) -> None:
+    def _update_by_kernel(self, step: int, plans: list[update_kernel.UpdatePlan]) -> None:
         """Each SAE's update by ``update_kernel`` on its views of the stacked tensors (as its
         lone run's step), every gradient norm checked before any SAE changes."""
-        norms = [update_kernel.project_and_norm(t.sae) for t in self.trainers]
+        norms = [update_kernel.project_and_norm(p) for p in plans]
         bad = [i for i, n in enumerate(norms) if not math.isfinite(n)]
         if bad:
             self._fail(step, f"SAE {bad[0]}'s gradient is non-finite")
-        for t, gnorm in zip(self.trainers, norms):
-            update_kernel.clip_adam_and_renormalize(t.sae, t.opt, gnorm, t.tcfg.grad_clip)
+        for t, plan, gnorm in zip(self.trainers, plans, norms):
+            t._update_plan = plan
+            update_kernel.clip_adam_and_renormalize(plan, gnorm, t.tcfg.grad_clip)
 
     def _update(self, step: int) -> None:
         """Each SAE's projection and clipping on the stacked tensors, one fused Adam call for
@@ -467,7 +469,12 @@ class GridTrainer:
         """Train every SAE until ``total_tokens`` on ``data`` (as :func:`adaptive_sae.train`
         reads it), one pass; returns one TrainRun per member, in order. ``callback(step,
         rows)`` follows each step (where SAEs train by member, each step of a block after the
-        block, before its checkpoint)."""
+        block, before its checkpoint). Subnormal floats are flushed to zero meanwhile, as in
+        :meth:`Trainer.fit`."""
+        with update_kernel.denormals_flushed(self.trainers[0].device):
+            return self._fit(data, resume, progress, callback)
+
+    def _fit(self, data: Any, resume: bool, progress: bool, callback) -> list[TrainRun]:
         B, d = self.batch_size, self.d_in
         if isinstance(data, np.ndarray) or (
             isinstance(data, (list, tuple)) and data and isinstance(data[0], (list, tuple))

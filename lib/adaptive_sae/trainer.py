@@ -268,6 +268,8 @@ class Trainer:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self._ws = Workspace()  # the B×F affinities reused across steps
         self._kernel_counts: Tensor | None = None  # this step's matches, counted by the kernel
+        self._grads_out: dict[str, Tensor] | None = None  # the closed-form gradients' buffers
+        self._update_plan: update_kernel.UpdatePlan | None = None
         # Non-finite checks: every step on a CPU (a check costs nothing there); on an
         # accelerator flags accumulate on the device and are read every check_every steps,
         # the state at the start of the window kept to replay it (see verify())
@@ -383,8 +385,9 @@ class Trainer:
             idx = self.rule.select_global(own, P, ws, self.comm)
             counts = torch.zeros(P.shape[1] + P.shape[0], dtype=torch.int64)
             x_hat, recon, grads = loss_kernel.nmse_and_grads(
-                x_s, P, idx, own.W_enc, own.W_dec, own.b_dec, out=out, counts=counts
-            )
+                x_s, P, idx, own.W_enc, own.W_dec, own.b_dec, out=out or self._grad_buffers(),
+                counts=counts,
+            )  # fmt: skip
             self._kernel_counts = counts  # the matches by feature and by token, for _observe
         else:
             mask, idx = self._dense_matches(P)
@@ -399,6 +402,18 @@ class Trainer:
         if penalty is not None:
             loss = loss + penalty
         return x_hat, P, idx, loss, recon, aux, grads
+
+    def _grad_buffers(self) -> dict[str, Tensor]:
+        """Where a lone SAE's closed-form gradients are written, each in its parameter's
+        layout: the same tensors every step, so that the update kernel's plan holds."""
+        sae, bufs = self.sae, self._grads_out
+        if bufs is None or any(
+            bufs[n].shape != getattr(sae, n).shape or bufs[n].dtype != getattr(sae, n).dtype
+            for n in update_kernel.NAMES
+        ):
+            bufs = {n: torch.empty_like(getattr(sae, n)).detach() for n in update_kernel.NAMES}
+            self._grads_out = bufs
+        return bufs
 
     @torch.no_grad()
     def _dense_grads(self, x_s: Tensor, P: Tensor, mask: Tensor):
@@ -499,7 +514,9 @@ class Trainer:
             self._fail(self.steps_done, f"the loss is {loss.item()}")
         if grads is not None:  # the main loss's gradient, in closed form
             for name, g in grads.items():
-                getattr(self.sae, name).grad = g
+                p = getattr(self.sae, name)
+                if p.grad is not g:
+                    p.grad = g
         else:
             self.opt.zero_grad(set_to_none=True)
         if loss.requires_grad:  # (in closed form: the auxiliary loss's, added to it)
@@ -608,10 +625,12 @@ class Trainer:
         """Project the decoder's gradient, clip the gradient (stop on a non-finite one), take
         the optimiser step and renormalise the decoder: by ``update_kernel`` where it applies."""
         sae = self.sae
-        if self._update_kernel_applies():
-            gnorm = update_kernel.project_and_norm(sae)
-            self._check_grad_norm(torch.tensor(gnorm))
-            update_kernel.clip_adam_and_renormalize(sae, self.opt, gnorm, self.tcfg.grad_clip)
+        plan = self._update_plan = self._kernel_plan()
+        if plan is not None:
+            gnorm = update_kernel.project_and_norm(plan)
+            if not math.isfinite(gnorm):
+                self._check_grad_norm(torch.tensor(gnorm))
+            update_kernel.clip_adam_and_renormalize(plan, gnorm, self.tcfg.grad_clip)
             return
         sae.remove_parallel_grad()
         self._check_grad_norm(self._clip_grads())
@@ -625,9 +644,12 @@ class Trainer:
             return torch.nn.utils.clip_grad_norm_(params, self.tcfg.grad_clip)
         return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
 
-    def _update_kernel_applies(self) -> bool:
-        """Whether ``update_kernel`` takes the update (one process; see its ``applies``)."""
-        return self.comm.world == 1 and update_kernel.applies(self.sae, self.opt)
+    def _kernel_plan(self) -> update_kernel.UpdatePlan | None:
+        """``update_kernel``'s plan for this step's update (one process; see its
+        ``plan_for``), the last step's where it still holds; None for the torch path."""
+        if self.comm.world != 1:
+            return None
+        return update_kernel.plan_for(self.sae, self.opt, self._update_plan)
 
     def _check_grad_norm(self, gnorm: Tensor) -> None:
         if self._window is not None and self.check_every > 1:
@@ -750,7 +772,12 @@ class Trainer:
         callback: Callable[[int, dict[str, float] | None], None] | None = None,
     ) -> TrainRun:
         """Train until ``tcfg.total_tokens``: initialise from the first batches (or, with
-        ``resume``, skip the batches the loaded checkpoint consumed), step, checkpoint."""
+        ``resume``, skip the batches the loaded checkpoint consumed), step, checkpoint.
+        Subnormal floats are flushed to zero meanwhile (``update_kernel.denormals_flushed``)."""
+        with update_kernel.denormals_flushed(self.device):
+            return self._fit(data, resume, progress, callback)
+
+    def _fit(self, data: Any, resume: bool, progress: bool, callback) -> TrainRun:
         cfg, tcfg = self.cfg, self.tcfg
         d, B = cfg.d_in, tcfg.batch_size
         stream = batch_stream(data, B, d, tcfg.seed, start=self.steps_done)

@@ -20,11 +20,19 @@ result equals the torch path's to float tolerance, not bit for bit
 (``tests/test_update_kernel.py``). It applies on a CPU to float32 or float64 parameters stored
 densely with gradients and moments of the same layout, Adam without weight decay, AMSGrad or
 maximise, in one process; ``ADAPTIVE_SAE_KERNELS=0`` turns it off with the other kernels.
+
+Training on a CPU also flushes subnormal floats to zero (:func:`denormals_flushed`, with the
+kernels): Adam's first moment of a parameter whose gradient stays zero (the rows and columns
+of a dead feature) decays by β₁ = 0.9 a step into the subnormal range and stays there (0.9 ×
+4·2⁻¹⁴⁹ rounds back to 4·2⁻¹⁴⁹), where x86 arithmetic is some hundred times slower: with a third of the moments there, Adam's step took 6× as long. The
+moments flushed to zero change no weight (their updates are below float32's resolution).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -99,20 +107,25 @@ def _flat(t: Tensor) -> Tensor:
     return t.detach().as_strided((t.numel(),), (1,))
 
 
+def _plain_adam(opt: torch.optim.Optimizer) -> bool:
+    """One Adam group without weight decay, AMSGrad, maximise or a tensor learning rate."""
+    if len(opt.param_groups) != 1:
+        return False
+    group = opt.param_groups[0]
+    return not (
+        group["weight_decay"]
+        or group.get("amsgrad")
+        or group.get("maximize")
+        or isinstance(group["lr"], Tensor)
+    )
+
+
 def applies(sae, opt: torch.optim.Optimizer) -> bool:
     """Whether the kernels take this SAE's update: kernels on and numba present, CPU parameters
     in float32/64 stored densely, each with a gradient and Adam moments of its layout (after
     the first step: before it, the moments do not exist yet), one Adam group without weight
     decay, AMSGrad, maximise or a tensor learning rate."""
-    if not (selection_kernels.use_kernels and len(opt.param_groups) == 1):
-        return False
-    group = opt.param_groups[0]
-    if (
-        group["weight_decay"]
-        or group.get("amsgrad")
-        or group.get("maximize")
-        or isinstance(group["lr"], Tensor)
-    ):
+    if not (selection_kernels.use_kernels and _plain_adam(opt)):
         return False
     for name in NAMES:
         p = getattr(sae, name)
@@ -130,42 +143,84 @@ def applies(sae, opt: torch.optim.Optimizer) -> bool:
     return sae.W_dec.is_contiguous() and selection_kernels.numba_available()
 
 
+class UpdatePlan:
+    """One SAE's update by the kernels: the arrays they read and write, made once and reused
+    while the SAE's parameters, gradients and Adam state stay the same tensors (a training
+    step writes its gradients into the same buffers; a restored optimiser, a gradient
+    replaced by autograd or a switched-off kernel make :func:`plan_for` build a new plan)."""
+
+    def __init__(self, sae, opt: torch.optim.Optimizer):
+        self.group = opt.param_groups[0]
+        self.params = [getattr(sae, name) for name in NAMES]
+        self.addresses = [p.data_ptr() for p in self.params]  # `p.data = ...` moves them
+        self.grads = [p.grad for p in self.params]
+        self.states = [opt.state[p] for p in self.params]
+        self.moments = [(s["exp_avg"], s["exp_avg_sq"]) for s in self.states]
+        self.steps = [s["step"] for s in self.states]
+        g = dict(zip(NAMES, self.grads))
+        self.W_dec = sae.W_dec.detach().numpy()
+        self.to_project = (
+            self.W_dec,
+            g["W_dec"].numpy(),
+            _flat(g["W_enc"]).numpy(),
+            _flat(g["b_enc"]).numpy(),
+            _flat(g["b_dec"]).numpy(),
+        )
+        self.flat = (
+            [_flat(p) for p in self.params],
+            [_flat(g) for g in self.grads],
+            [_flat(m) for m, _ in self.moments],
+            [_flat(v) for _, v in self.moments],
+        )
+
+    def holds(self, sae, opt: torch.optim.Optimizer) -> bool:
+        """Whether this plan still describes (sae, opt): the same tensors, by identity, and
+        the parameters at the same addresses."""
+        if not (selection_kernels.use_kernels and opt.param_groups[0] is self.group):
+            return False
+        if not _plain_adam(opt):
+            return False
+        for name, p, at, g, st, (m, v), t in zip(
+            NAMES, self.params, self.addresses, self.grads, self.states, self.moments, self.steps
+        ):
+            if getattr(sae, name) is not p or p.data_ptr() != at or p.grad is not g:
+                return False
+            if opt.state.get(p) is not st:
+                return False
+            if st["exp_avg"] is not m or st["exp_avg_sq"] is not v or st["step"] is not t:
+                return False
+        return True
+
+
+def plan_for(sae, opt: torch.optim.Optimizer, cached: UpdatePlan | None = None):
+    """``cached`` where it still holds for (sae, opt), else a new plan where the kernels apply
+    (:func:`applies`), else None."""
+    if cached is not None and cached.holds(sae, opt):
+        return cached
+    return UpdatePlan(sae, opt) if applies(sae, opt) else None
+
+
 @torch.no_grad()
-def project_and_norm(sae) -> float:
+def project_and_norm(plan: UpdatePlan) -> float:
     """Pass 1: the decoder gradient projected (in place); the total gradient norm."""
-    g = {name: getattr(sae, name).grad for name in NAMES}
-    s = _kernels()["project"](
-        sae.W_dec.detach().numpy(),
-        g["W_dec"].numpy(),
-        _flat(g["W_enc"]).numpy(),
-        _flat(g["b_enc"]).numpy(),
-        _flat(g["b_dec"]).numpy(),
-    )
-    return math.sqrt(s)
+    return math.sqrt(_kernels()["project"](*plan.to_project))
 
 
 @torch.no_grad()
-def clip_adam_and_renormalize(sae, opt: torch.optim.Optimizer, gnorm: float, clip: float):
+def clip_adam_and_renormalize(plan: UpdatePlan, gnorm: float, clip: float) -> None:
     """Pass 2: the gradients scaled to norm ``clip`` at most (clip > 0), Adam's step with the
     optimiser's settings and state (torch's fused kernel, on flat views: twice as fast on
     the column-major W_enc), the decoder rows back to unit norm."""
-    group = opt.param_groups[0]
-    params = [getattr(sae, name) for name in NAMES]
-    grads = [p.grad for p in params]
+    group = plan.group
     coef = clip / (gnorm + 1e-6) if clip > 0 else 1.0
     if coef < 1.0:
-        torch._foreach_mul_(grads, coef)
-    state = [opt.state[p] for p in params]
-    steps = [s["step"] for s in state]
-    torch._foreach_add_(steps, 1)  # as Adam does before its fused kernel, which reads t
+        torch._foreach_mul_(plan.grads, coef)
+    torch._foreach_add_(plan.steps, 1)  # as Adam does before its fused kernel, which reads t
     beta1, beta2 = group["betas"]
     torch._fused_adam_(
-        [_flat(p) for p in params],
-        [_flat(g) for g in grads],
-        [_flat(s["exp_avg"]) for s in state],
-        [_flat(s["exp_avg_sq"]) for s in state],
+        *plan.flat,
         [],
-        steps,
+        plan.steps,
         lr=float(group["lr"]),
         beta1=float(beta1),
         beta2=float(beta2),
@@ -174,7 +229,37 @@ def clip_adam_and_renormalize(sae, opt: torch.optim.Optimizer, gnorm: float, cli
         amsgrad=False,
         maximize=False,
     )
-    _kernels()["renormalize"](sae.W_dec.detach().numpy())
+    _kernels()["renormalize"](plan.W_dec)
 
 
-__all__ = ["applies", "project_and_norm", "clip_adam_and_renormalize"]
+def _flushing() -> bool:
+    """Whether this thread flushes subnormal floats to zero now (torch has no getter)."""
+    return float(torch.tensor(1e-310, dtype=torch.float64) * 2.0) == 0.0
+
+
+@contextlib.contextmanager
+def denormals_flushed(device: torch.device | str) -> Iterator[None]:
+    """Within: subnormal floats flushed to zero on this thread (``torch.set_flush_denormal``),
+    where ``device`` is a CPU, the fast paths are on and the processor supports it; the mode
+    found on entry is restored on exit."""
+    if not (selection_kernels.use_kernels and torch.device(device).type == "cpu"):
+        yield
+        return
+    was = _flushing()
+    if not torch.set_flush_denormal(True):  # not x86 with SSE3 or AArch64: nothing changed
+        yield
+        return
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(was)
+
+
+__all__ = [
+    "UpdatePlan",
+    "applies",
+    "plan_for",
+    "project_and_norm",
+    "clip_adam_and_renormalize",
+    "denormals_flushed",
+]

@@ -117,6 +117,21 @@ def _best_by_insertion(vals, ids, n, k, tv, tc, none):  # pragma: no cover - com
             _insert_desc(tv, tc, k, vals[p], ids[p])
 
 
+def _kth_largest(vals, n, k, top):  # pragma: no cover - compiled
+    """The k-th largest of vals[:n] (n >= k), by insertion into top (k long, descending)."""
+    for j in range(k):
+        top[j] = -np.inf
+    for p in range(n):
+        v = vals[p]
+        if v > top[k - 1]:
+            q = k - 1
+            while q > 0 and top[q - 1] < v:
+                top[q] = top[q - 1]
+                q -= 1
+            top[q] = v
+    return top[k - 1]
+
+
 def _row_topk(P, k, G, out):  # pragma: no cover - compiled
     B, F = P.shape
     gm = np.empty(G, P.dtype)
@@ -170,17 +185,8 @@ def _row_topk(P, k, G, out):  # pragma: no cover - compiled
             lv[nl] = gm[j]
             li[nl] = j
             nl += gm[j] >= t
-        if nl > 64:
-            _best_by_insertion(lv, li, nl, k, tv, tc, G)
-            t = tv[k - 1]
-        elif nl > k:
-            for p in range(nl):
-                v = lv[p]
-                c = 0
-                for u in range(nl):
-                    c += lv[u] >= v
-                if c >= k and v > t:
-                    t = v
+        if nl > k:
+            t = _kth_largest(lv, nl, k, tv)
         n = 0  # every entry >= t, from the lanes reaching it
         for p in range(nl):
             j = li[p]
@@ -192,7 +198,10 @@ def _row_topk(P, k, G, out):  # pragma: no cover - compiled
                     ci[n] = f
                     n += v >= t
                     f += G
-        if n <= 64:
+        if n == k:  # the candidates are the winners (often: the bound is tight)
+            for j in range(k):
+                tc[j] = ci[j]
+        elif n <= 64:
             _rank_into(cv, ci, n, k, tc)
         else:
             _best_by_insertion(cv, ci, n, k, tv, tc, F)
@@ -380,6 +389,7 @@ def _kernels() -> dict | None:
             "_top_by_partition",
             "_rank_into",
             "_best_by_insertion",
+            "_kth_largest",
         ):
             g[name] = jit(g[name])
         _compiled = {

@@ -11,10 +11,11 @@ gradient has a closed form (``sparse_ops``' module docstring), which one kernel 
 
 The sums run in another order than torch's, so the result equals the autograd path's to float
 tolerance, not bit for bit (``tests/test_loss_kernel.py`` checks it against the dense
-autograd oracle). It applies to a sparse rule's main loss on a CPU in float32 or float64, in
-one process, without autocast, up to ``MAX_WORK`` multiply-adds a pass; the auxiliary losses
-keep their autograd path and add their gradients to these. ``ADAPTIVE_SAE_KERNELS=0`` turns it
-off with the selection kernels.
+autograd oracle). It applies on a CPU in float32 or float64, in one process, without autocast,
+up to ``MAX_WORK`` multiply-adds a pass: to a sparse rule's main loss, to the auxiliary
+losses' sparse selections (their gradients added to the main loss's), and to ReLU+L1 once few
+of its codes are active (the entries P > 0, with the L1 penalty's gradient per code).
+``ADAPTIVE_SAE_KERNELS=0`` turns it off with the selection kernels.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from . import selection_kernels
 
 _compiled = None
 _NO_COUNTS = torch.zeros(0, dtype=torch.int64)
+_NO_WEIGHTS = {dt: torch.zeros(0, dtype=dt) for dt in (torch.float32, torch.float64)}
 
 MAX_WORK = 1 << 21
 """The kernel runs where K·d (selected entries × d_in) is at most this. It is one thread and
@@ -50,11 +52,12 @@ def _row_of(flat, r, F):  # pragma: no cover - compiled
 
 
 def _nmse_grads(x, xe, P, idx, W_encT, W_dec, b_dec, bias, x_hat, gx, gWencT, gb_enc, gW_dec,
-                gb_dec, eps, counts):  # fmt: skip
+                gb_dec, eps, counts, weights):  # fmt: skip
     # pragma: no cover - compiled
     """x: the target; xe: the encoder's input (x too, but for the auxiliary loss, whose target
     is the residual); bias: whether x̂ includes b_dec; counts: (F + B,) where the matches (the
-    entries with P > 0) are counted by feature then by token, or (0,) for none."""
+    entries with P > 0) are counted by feature then by token, or (0,) for none; weights: (F,)
+    added to the gradient of each active code of feature f (a penalty Σ w_f z_bf), or (0,)."""
     B, d = x.shape
     F = W_dec.shape[0]
     for b in range(B):
@@ -109,6 +112,8 @@ def _nmse_grads(x, xe, P, idx, W_encT, W_dec, b_dec, bias, x_hat, gx, gWencT, gb
                 counts[c] += 1
                 counts[F + r] += 1
             g = _dot(gx[r], W_dec[c])
+            if weights.shape[0]:
+                g += weights[c]
             gb_enc[c] += g
             for j in range(d):
                 gW_dec[c, j] += v * gx[r, j]
@@ -156,6 +161,7 @@ def nmse_and_grads(
     target: Tensor | None = None,
     decoder_bias: bool = True,
     counts: Tensor | None = None,
+    code_weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """(x̂ (B, d), the normalised MSE (scalar), its gradients {"W_enc", "b_enc", "W_dec",
     "b_dec"}) of the reconstruction from the entries ``flat_idx`` (b·F + f, any order) of the
@@ -163,8 +169,10 @@ def nmse_and_grads(
     grid's stacked gradients). ``target`` (default x_s) and ``decoder_bias`` give the
     auxiliary losses' form: the residual reconstructed without b_dec (``losses.aux_loss``).
     ``counts`` (F + B,), int64 zeros, receives the matches (selected entries with P > 0) per
-    feature, then per token: what the statistics read, without gathering P again. Call where
-    :func:`applies`."""
+    feature, then per token: what the statistics read, without gathering P again.
+    ``code_weights`` (F,) adds a penalty linear in the codes, Σ_b Σ_f w_f z_bf (ReLU+L1's), to
+    the gradient of each active code (its value and its W_dec gradient are the caller's: they
+    need only the codes' per-feature sums). Call where :func:`applies`."""
     kern = _kernel()
     if kern is None:
         raise RuntimeError("the loss kernel needs numba; check applies() first")
@@ -203,6 +211,7 @@ def nmse_and_grads(
         g["b_dec"].numpy(),
         float(eps),
         (_NO_COUNTS if counts is None else counts).numpy(),
+        (_NO_WEIGHTS[dt] if code_weights is None else code_weights.to(dt).contiguous()).numpy(),
     )
     if gWencT.data_ptr() != g["W_enc"].data_ptr():
         g["W_enc"].copy_(gWencT.t())

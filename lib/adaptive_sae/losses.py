@@ -59,12 +59,14 @@ def l1_penalty(codes: Tensor, W_dec: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def l1_penalty_and_grads(codes: Tensor, W_dec: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def l1_penalty_and_grads(
+    code_sums: Tensor, batch_size: int, W_dec: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     """(``l1_penalty``, its gradient with respect to codes as an (F,) row every token shares,
-    with respect to W_dec): ‖W_dec,j‖ / B and (Σ_b z_bj / B) · W_dec,j / ‖W_dec,j‖."""
-    B = codes.shape[0]
+    with respect to W_dec), from the codes' per-feature sums Σ_b z_bj over the batch (the
+    penalty is linear in the codes): ‖W_dec,j‖ / B and (Σ_b z_bj / B) · W_dec,j / ‖W_dec,j‖."""
+    B, col = batch_size, code_sums
     norms = W_dec.norm(dim=1)
-    col = codes.sum(0)
     return (col * norms).sum() / B, norms / B, W_dec * (col / (B * norms)).unsqueeze(1)
 
 

@@ -107,7 +107,8 @@ def batch_stream(data: Any, batch_size: int, d_in: int, seed: int, start: int = 
 
 DENSE_MASK_SHARE = 8
 """A dense-code rule's mask (``select_mask``) stands for its matches while more than one entry
-in DENSE_MASK_SHARE is selected; below, its flat indices do (cheaper to count and gather)."""
+in DENSE_MASK_SHARE is selected; below, its flat indices do (cheaper to count and gather), and
+the step takes the loss kernel on them (``Trainer._few_codes_grads``), not dense products."""
 
 
 def _checked(batch: Any, step: int, B: int, d: int) -> Tensor:
@@ -391,7 +392,11 @@ class Trainer:
             self._kernel_counts = counts  # the matches by feature and by token, for _observe
         else:
             mask, idx = self._dense_matches(P)
-            x_hat, recon, grads, penalty = self._dense_grads(x_s, P, mask)
+            few = idx is not mask and idx.numel() * DENSE_MASK_SHARE <= P.numel()
+            if few and loss_kernel.applies(own.W_enc, idx.numel() * self.cfg.d_in):
+                x_hat, recon, grads, penalty = self._few_codes_grads(x_s, P, idx, out)
+            else:
+                x_hat, recon, grads, penalty = self._dense_grads(x_s, P, mask)
         aux, loss = x_s.new_zeros(()), recon
         if self.tcfg.aux_loss != "none":
             e = x_s - x_hat
@@ -416,6 +421,25 @@ class Trainer:
         return bufs
 
     @torch.no_grad()
+    def _few_codes_grads(self, x_s: Tensor, P: Tensor, idx: Tensor, out=None):
+        """A dense-code rule's step once few codes are active (flat indices ``idx`` of P > 0):
+        the loss kernel on them as on a sparse rule's selection, with the rule's penalty
+        (linear in the codes) through its per-feature sums. Returns as :meth:`_dense_grads`."""
+        sae, (B, F) = self.sae, P.shape
+        sums = torch.zeros(F, dtype=P.dtype).index_add_(0, idx % F, values_at(P, idx))
+        pen = self.rule.penalty_and_grads(sae, sums, B, self.rule_state)
+        counts = torch.zeros(F + B, dtype=torch.int64)
+        x_hat, recon, grads = loss_kernel.nmse_and_grads(
+            x_s, P, idx, sae.W_enc, sae.W_dec, sae.b_dec, out=out or self._grad_buffers(),
+            counts=counts, code_weights=None if pen is None else pen[1],
+        )  # fmt: skip
+        self._kernel_counts = counts
+        if pen is None:
+            return x_hat, recon, grads, None
+        grads["W_dec"].add_(pen[2])
+        return x_hat, recon, grads, pen[0]
+
+    @torch.no_grad()
     def _dense_grads(self, x_s: Tensor, P: Tensor, mask: Tensor):
         """Dense codes Z = ReLU(P) ⊙ M, x̂ = Z W_dec + b_dec, and the gradients of the NMSE
         and the rule's penalty: ∂Z = ∂x̂ W_decᵀ (+ the penalty's), ∂P = ∂Z ⊙ M ⊙ [P > 0],
@@ -427,7 +451,7 @@ class Trainer:
         codes = P.relu().mul_(mask.to(P.dtype))  # float masks: a bool one costs 10x here
         x_hat = torch.addmm(b_dec, codes, W_dec)
         recon, gx = losses.normalized_mse_and_grad(x_s, x_hat)
-        pen = self.rule.penalty_and_grads(sae, codes, self.rule_state)
+        pen = self.rule.penalty_and_grads(sae, codes.sum(0), codes.shape[0], self.rule_state)
         dW_dec = codes.t() @ gx
         if pen is None:
             g_codes = gx @ W_dec.t()

@@ -102,10 +102,14 @@ class AllocationRule:
         """An extra loss term on dense codes, or None."""
         return None
 
-    def penalty_and_grads(self, sae: SparseAutoencoder, codes: Tensor, state: dict[str, float]):
-        """(``penalty``, its gradient with respect to codes (broadcastable to them), with
-        respect to W_dec), without autograd; None if the rule has no penalty. A rule whose
-        ``penalty`` is not matched here trains through autograd (``has_closed_form``)."""
+    def penalty_and_grads(
+        self, sae: SparseAutoencoder, code_sums: Tensor, batch_size: int, state: dict[str, float]
+    ):
+        """For a penalty linear in the codes, Σ_b Σ_j w_j z_bj (w may depend on W_dec): its
+        value, its gradient with respect to each code as the (F,) row w, and with respect to
+        W_dec, from the codes' per-feature sums over the batch (F,), without autograd; None
+        if the rule has no penalty. A rule whose ``penalty`` is not matched here trains
+        through autograd (``has_closed_form``)."""
         return None
 
     def has_closed_form(self) -> bool:

@@ -4,7 +4,8 @@
 λ adapts so the mean L0 settles at the SAE's k, so the baseline is compared at equal sparsity:
 λ ← λ·exp(rate·clip(log(L0 / k), −1, 1)) after each step (``TrainConfig.l1_adapt_rate``; 0 keeps
 λ fixed at ``l1_coefficient``). Nearly every entry is active early in training, so the step
-uses dense codes, not the sparse kernel.
+uses dense codes while more than 1/8 of the entries are active, and the loss kernel on the
+active entries once fewer are (as at the target L0).
 """
 
 from __future__ import annotations
@@ -37,9 +38,11 @@ class ReluL1(AllocationRule):
     def penalty(self, sae, codes, state):
         return state["l1_coef"] * losses.l1_penalty(codes, sae.W_dec)
 
-    def penalty_and_grads(self, sae, codes, state):
+    def penalty_and_grads(self, sae, code_sums, batch_size, state):
         lam = state["l1_coef"]
-        value, d_codes, d_W_dec = losses.l1_penalty_and_grads(codes, sae.W_dec.detach())
+        value, d_codes, d_W_dec = losses.l1_penalty_and_grads(
+            code_sums, batch_size, sae.W_dec.detach()
+        )
         return lam * value, lam * d_codes, lam * d_W_dec
 
     def after_step(self, state, n_matched, batch_size, cfg, tcfg) -> None:

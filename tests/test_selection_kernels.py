@@ -104,6 +104,12 @@ def columns_case(draw):
 @given(columns_case())
 @example((torch.zeros(300, 3), torch.tensor([5, 0, 300])))  # ties, empty and full columns
 @example((torch.randn(1024, 12), torch.tensor([1, 2, 4, 8, 16, 31, 32, 33, 100, 500, 1000, 1023])))
+@example(  # ties among the group maxima, every cap small enough for the two-stage bound
+    (
+        torch.randint(-2, 3, (512, 8), generator=torch.Generator().manual_seed(0)).float(),
+        torch.tensor([1, 2, 3, 5, 8, 13, 21, 32]),
+    )
+)
 def test_column_kernel_equals_stable_sort_oracle(case):
     P, caps = case
     got = column_topk_flat(P, caps)

@@ -246,13 +246,19 @@ def _column_topk(P, caps, G, out, offsets):  # pragma: no cover - compiled
         elif m > G or m >= B:
             t[j] = -np.inf
         elif m <= _RANK_BY_INSERTION:
-            for p in range(m):
-                tv[p] = -np.inf
-                tb[p] = G
+            # first the least of m maxima over strided sets of groups (m groups reach it), then
+            # the m-th largest of the maxima that reach it: the same bound, fewer insertions
+            t0 = np.inf
+            for r in range(m):
+                mx = gm[r, j]
+                for g in range(r + m, G, m):
+                    mx = gm[g, j] if gm[g, j] > mx else mx
+                t0 = mx if mx < t0 else t0
+            nl = 0
             for g in range(G):
-                if gm[g, j] >= tv[m - 1]:
-                    _insert_desc(tv, tb, m, gm[g, j], g)
-            t[j] = tv[m - 1]
+                col[nl] = gm[g, j]
+                nl += gm[g, j] >= t0
+            t[j] = _kth_largest(col, nl, m, tv) if nl > m else t0
         else:
             for g in range(G):
                 col[g] = gm[g, j]

@@ -107,7 +107,7 @@ def test_a_penalty_without_its_gradients_trains_through_autograd(monkeypatch):
         unregister_rule("relu_l2_test")
 
 
-@pytest.mark.parametrize("aux", ["none", "aux_k"])
+@pytest.mark.parametrize("aux", ["none", "aux_k", "aux_zipf"])
 def test_training_on_few_active_codes_equals_autograd(aux, monkeypatch):
     """Whole ReLU+L1 runs with every step's matches taken as indices (as once few codes are
     active), so the loss kernel takes each step with the L1 penalty's gradient per code,

@@ -265,6 +265,9 @@ def test_training_flushes_subnormals_with_the_fast_paths_and_restores_the_mode(
     grid = GridTrainer([(cfg, tcfg), (cfg, tcfg)])
     grid.fit(data, callback=lambda step, rows: seen.append(_flushes()))
     assert seen[4:] == [kernels] * 4 and not _flushes()
+    with pytest.raises(ValueError, match="data ran out"):  # a failed run restores it too
+        asae.Trainer(cfg, tcfg).fit([data[:32], data[32:64]])  # two batches of four
+    assert not _flushes()
     torch.set_flush_denormal(True)  # a mode set by the caller survives training
     try:
         asae.Trainer(cfg, tcfg).fit(data)

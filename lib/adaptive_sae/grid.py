@@ -307,7 +307,6 @@ class GridTrainer:
         if bad:
             self._fail(step, f"SAE {bad[0]}'s gradient is non-finite")
         for t, plan, gnorm in zip(self.trainers, plans, norms):
-            t._update_plan = plan
             update_kernel.clip_adam_and_renormalize(plan, gnorm, t.tcfg.grad_clip)
 
     def _update(self, step: int) -> None:

@@ -384,12 +384,7 @@ class Trainer:
         penalty = None
         if self.rule.sparse:
             idx = self.rule.select_global(own, P, ws, self.comm)
-            counts = torch.zeros(P.shape[1] + P.shape[0], dtype=torch.int64)
-            x_hat, recon, grads = loss_kernel.nmse_and_grads(
-                x_s, P, idx, own.W_enc, own.W_dec, own.b_dec, out=out or self._grad_buffers(),
-                counts=counts,
-            )  # fmt: skip
-            self._kernel_counts = counts  # the matches by feature and by token, for _observe
+            x_hat, recon, grads = self._loss_by_kernel(x_s, P, idx, out)
         else:
             mask, idx = self._dense_matches(P)
             few = idx is not mask and idx.numel() * DENSE_MASK_SHARE <= P.numel()
@@ -408,6 +403,19 @@ class Trainer:
             loss = loss + penalty
         return x_hat, P, idx, loss, recon, aux, grads
 
+    def _loss_by_kernel(self, x_s: Tensor, P: Tensor, idx: Tensor, out=None, code_weights=None):
+        """``loss_kernel.nmse_and_grads`` on the entries ``idx`` of P: (x̂, NMSE, gradients,
+        written into ``out`` or this SAE's own buffers); the matches it counts (by feature,
+        then by token) are kept for :meth:`_observe`."""
+        own = self.sae
+        counts = torch.zeros(P.shape[1] + P.shape[0], dtype=torch.int64)
+        x_hat, recon, grads = loss_kernel.nmse_and_grads(
+            x_s, P, idx, own.W_enc, own.W_dec, own.b_dec, out=out or self._grad_buffers(),
+            counts=counts, code_weights=code_weights,
+        )  # fmt: skip
+        self._kernel_counts = counts
+        return x_hat, recon, grads
+
     def _grad_buffers(self) -> dict[str, Tensor]:
         """Where a lone SAE's closed-form gradients are written, each in its parameter's
         layout: the same tensors every step, so that the update kernel's plan holds."""
@@ -425,15 +433,11 @@ class Trainer:
         """A dense-code rule's step once few codes are active (flat indices ``idx`` of P > 0):
         the loss kernel on them as on a sparse rule's selection, with the rule's penalty
         (linear in the codes) through its per-feature sums. Returns as :meth:`_dense_grads`."""
-        sae, (B, F) = self.sae, P.shape
+        B, F = P.shape
         sums = torch.zeros(F, dtype=P.dtype).index_add_(0, idx % F, values_at(P, idx))
-        pen = self.rule.penalty_and_grads(sae, sums, B, self.rule_state)
-        counts = torch.zeros(F + B, dtype=torch.int64)
-        x_hat, recon, grads = loss_kernel.nmse_and_grads(
-            x_s, P, idx, sae.W_enc, sae.W_dec, sae.b_dec, out=out or self._grad_buffers(),
-            counts=counts, code_weights=None if pen is None else pen[1],
-        )  # fmt: skip
-        self._kernel_counts = counts
+        pen = self.rule.penalty_and_grads(self.sae, sums, B, self.rule_state)
+        weights = None if pen is None else pen[1]
+        x_hat, recon, grads = self._loss_by_kernel(x_s, P, idx, out, weights)
         if pen is None:
             return x_hat, recon, grads, None
         grads["W_dec"].add_(pen[2])
@@ -649,11 +653,10 @@ class Trainer:
         """Project the decoder's gradient, clip the gradient (stop on a non-finite one), take
         the optimiser step and renormalise the decoder: by ``update_kernel`` where it applies."""
         sae = self.sae
-        plan = self._update_plan = self._kernel_plan()
+        plan = self._kernel_plan()
         if plan is not None:
             gnorm = update_kernel.project_and_norm(plan)
-            if not math.isfinite(gnorm):
-                self._check_grad_norm(torch.tensor(gnorm))
+            self._check_grad_norm(gnorm)
             update_kernel.clip_adam_and_renormalize(plan, gnorm, self.tcfg.grad_clip)
             return
         sae.remove_parallel_grad()
@@ -670,12 +673,18 @@ class Trainer:
 
     def _kernel_plan(self) -> update_kernel.UpdatePlan | None:
         """``update_kernel``'s plan for this step's update (one process; see its
-        ``plan_for``), the last step's where it still holds; None for the torch path."""
+        ``plan_for``), the last step's where it still holds, kept for the next; None for the
+        torch path."""
         if self.comm.world != 1:
             return None
-        return update_kernel.plan_for(self.sae, self.opt, self._update_plan)
+        self._update_plan = update_kernel.plan_for(self.sae, self.opt, self._update_plan)
+        return self._update_plan
 
-    def _check_grad_norm(self, gnorm: Tensor) -> None:
+    def _check_grad_norm(self, gnorm: Tensor | float) -> None:
+        if isinstance(gnorm, float):  # the update kernel's, already on the host
+            if math.isfinite(gnorm):
+                return
+            gnorm = torch.tensor(gnorm)
         if self._window is not None and self.check_every > 1:
             self._flag(2, ~torch.isfinite(gnorm))
         elif not bool(torch.isfinite(gnorm)):

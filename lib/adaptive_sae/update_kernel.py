@@ -24,8 +24,9 @@ maximise, in one process; ``ADAPTIVE_SAE_KERNELS=0`` turns it off with the other
 Training on a CPU also flushes subnormal floats to zero (:func:`denormals_flushed`, with the
 kernels): Adam's first moment of a parameter whose gradient stays zero (the rows and columns
 of a dead feature) decays by β₁ = 0.9 a step into the subnormal range and stays there (0.9 ×
-4·2⁻¹⁴⁹ rounds back to 4·2⁻¹⁴⁹), where x86 arithmetic is some hundred times slower: with a third of the moments there, Adam's step took 6× as long. The
-moments flushed to zero change no weight (their updates are below float32's resolution).
+4·2⁻¹⁴⁹ rounds back to 4·2⁻¹⁴⁹), where x86 arithmetic is far slower: with a third of the
+moments there, Adam's step took 6× as long. The moments flushed to zero change no weight
+(their updates are below float32's resolution).
 """
 
 from __future__ import annotations
@@ -246,13 +247,12 @@ def denormals_flushed(device: torch.device | str) -> Iterator[None]:
         yield
         return
     was = _flushing()
-    if not torch.set_flush_denormal(True):  # not x86 with SSE3 or AArch64: nothing changed
-        yield
-        return
+    changed = torch.set_flush_denormal(True)  # False: not x86 with SSE3 or AArch64
     try:
         yield
     finally:
-        torch.set_flush_denormal(was)
+        if changed:
+            torch.set_flush_denormal(was)
 
 
 __all__ = [

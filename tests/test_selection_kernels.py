@@ -53,9 +53,11 @@ def test_kernel_equals_stable_sort_oracle(case):
 @given(matrices(LONG, max_k=100))
 @example((torch.zeros(2, 700), 9))  # every lane reaches the bound: ranked by insertion
 @example((torch.arange(1024.0).repeat(3, 1), 20))  # the answer is the last lanes
+@example((torch.zeros(2, 1000), 40))  # k > 32 winners: sorted, not placed by rank
 def test_row_kernel_lanes_equal_stable_sort_oracle(case):
     """Rows wider than the lanes (F > 64, k < F/8): the bound, the candidates and their
-    ranking (by counting, or by insertion beyond 64 lanes or candidates), with ties and -inf."""
+    ranking (by counting, or by insertion beyond 64 lanes or candidates), and the winners put
+    in column order (by rank, or sorted beyond 32), with ties and -inf."""
     P, k = case
     assert torch.equal(row_topk_columns(P, k), oracle(P, k))
 

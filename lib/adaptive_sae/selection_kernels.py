@@ -55,14 +55,15 @@ def _insert_desc(vals, ids, n, v, i):  # pragma: no cover - compiled
         ids[p] = i
 
 
-def _sort_small(a, n):  # pragma: no cover - compiled
-    for p in range(1, n):
-        x = a[p]
-        q = p - 1
-        while q >= 0 and a[q] > x:
-            a[q + 1] = a[q]
-            q -= 1
-        a[q + 1] = x
+def _place_ascending(ids, n, out):  # pragma: no cover - compiled
+    """out[:n] = ids[:n] (distinct) in ascending order: each at its rank among them, counted
+    without a branch (an insertion sort of a few ids mispredicts most of its moves)."""
+    for p in range(n):
+        i = ids[p]
+        r = 0
+        for q in range(n):
+            r += ids[q] < i
+        out[r] = i
 
 
 def _top_by_partition(x, m, scratch, out, start):  # pragma: no cover - compiled
@@ -205,9 +206,17 @@ def _row_topk(P, k, G, out):  # pragma: no cover - compiled
             _rank_into(cv, ci, n, k, tc)
         else:
             _best_by_insertion(cv, ci, n, k, tv, tc, F)
-        _sort_small(tc, k)
-        for j in range(k):
-            out[b, j] = tc[j]
+        if k > _RANK_BY_INSERTION:  # O(k log k)
+            tc[:k].sort()
+            for j in range(k):
+                out[b, j] = tc[j]
+            continue
+        for j in range(k):  # ascending (as _place_ascending, inline: a row view costs here)
+            c = tc[j]
+            r = 0
+            for q in range(k):
+                r += tc[q] < c
+            out[b, r] = c
     return True
 
 
@@ -302,9 +311,9 @@ def _column_topk(P, caps, G, out, offsets):  # pragma: no cover - compiled
         for p in range(n):
             if cval[s + p] >= tv[m - 1]:
                 _insert_desc(tv, tb, m, cval[s + p], p)
-        _sort_small(tb, m)
-        for p in range(m):
-            out[offsets[j] + p] = ctok[s + tb[p]]
+        for p in range(m):  # candidates lie in token order: their tokens rank as they do
+            tb[p] = ctok[s + tb[p]]
+        _place_ascending(tb, m, out[offsets[j] :])
     return True
 
 
@@ -391,7 +400,7 @@ def _kernels() -> dict | None:
         g = globals()  # the kernels' callees, compiled first
         for name in (
             "_insert_desc",
-            "_sort_small",
+            "_place_ascending",
             "_top_by_partition",
             "_rank_into",
             "_best_by_insertion",

@@ -144,19 +144,33 @@ def test_top_at_least_equals_global_oracle_or_declines(case, data):
     K = data.draw(st.integers(1, n))
     t = float(x[data.draw(st.integers(0, n - 1))])
     cap = data.draw(st.integers(K, n))
+    rank = data.draw(st.integers(0, n))
     count = int((x >= t).sum())
-    got = top_k_at_least(x, K, t, cap)
+    got, hint = top_k_at_least(x, K, t, cap, hint_rank=rank)
     if K <= count <= cap:
         ref = torch.sort(x, descending=True, stable=True).indices[:K].sort().values
         assert torch.equal(got, ref)
     else:
         assert got is None
+    # the next threshold: the rank-th largest entry where more than 2·rank − K reach t, else t
+    if K <= count <= cap and K < rank and count > 2 * rank - K:
+        assert hint == float(x.double().sort(descending=True).values[rank - 1])
+        assert int((x >= hint).sum()) >= rank
+    else:
+        assert hint == t
+
+
+def test_top_at_least_gathers_beyond_one_pass():
+    """More candidates than one pass holds (2·K, at least 1024): gathered again, all of them."""
+    x = torch.arange(5000.0).flip(0)
+    got, hint = top_k_at_least(x, 10, 0.0, 5000, hint_rank=20)
+    assert got.tolist() == list(range(10)) and hint == 4980.0
 
 
 def test_top_at_least_declines_nan():
     x = torch.randn(1000)
     x[10] = float("nan")
-    assert top_k_at_least(x, 5, -10.0, 1000) is None
+    assert top_k_at_least(x, 5, -10.0, 1000)[0] is None
 
 
 @pytest.mark.parametrize("rule", ["topk", "mutual_choice", "feature_choice", "feature_choice_zipf"])

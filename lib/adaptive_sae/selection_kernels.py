@@ -11,8 +11,9 @@ top-k from below by group maxima, so that only a few entries are ranked:
   entry ≥ t). Only the lanes whose maximum reaches t are scanned for candidates ≥ t, and those
   are ranked by counting, without branches (or by insertion, when there are many).
 * ``top_k_at_least(x, K, t, cap)``: Mutual Choice's top K of the whole batch among the entries
-  ≥ a threshold t (the previous step's): two counting passes, one gathering pass, then one
-  partition of the candidates.
+  ≥ a threshold t (the previous step's): one pass that counts and gathers them, one partition
+  of the candidates, and a threshold for the next batch that a little more than K entries
+  reach (so the candidates stay few while the affinities drift).
 * ``column_topk_flat(P, m)``: per column j, its top m_j tokens. One pass over P gives the maxima
   of G = min(B, 128) strided token groups for every column at once (along the rows, as P
   lies); t_j = the m_j-th largest of column j's group maxima (-inf where m_j > G). Two more
@@ -331,28 +332,45 @@ def _token_major(tokens, caps, offsets, F, B, out):  # pragma: no cover - compil
             pos[b] += 1
 
 
-def _top_at_least(x, K, t, cap, out):  # pragma: no cover - compiled
+def _top_at_least(x, K, t, cap, out, hint_rank, hint):  # pragma: no cover - compiled
     """The K largest entries of x among those >= t (ties: lower index), ascending, into out,
-    when there are between K and cap of them. Returns their count, or -1 for NaN in x."""
+    when there are between K and cap of them. Returns their count, or -1 for NaN in x.
+    hint[0]: t, or, where more than 2·hint_rank − K entries reach t, the hint_rank-th largest
+    entry (a tighter threshold for the next batch; hint_rank 0: never)."""
     n = x.shape[0]
+    hint[0] = t
+    size = min(cap, n, max(2 * max(K, hint_rank), 1024))  # what one pass gathers
+    vals = np.empty(size, x.dtype)
+    ids = np.empty(size, np.int64)
     ge = 0
-    lt = 0
-    for i in range(n):  # two counts: an entry that is neither >= t nor < t is NaN
-        ge += x[i] >= t
-        lt += x[i] < t
-    if ge + lt != n:
+    nan = False
+    for i in range(n):  # one pass: count, gather, and NaN (neither >= t nor < t)
+        v = x[i]
+        if v >= t:
+            if ge < size:
+                vals[ge] = v
+                ids[ge] = i
+            ge += 1
+        elif not v < t:
+            nan = True
+    if nan:
         return -1
     if ge < K or ge > cap:
         return ge
-    vals = np.empty(ge, x.dtype)
-    ids = np.empty(ge, np.int64)
-    q = 0
-    for i in range(n):
-        if x[i] >= t:
-            vals[q] = x[i]
-            ids[q] = i
-            q += 1
-    tk = np.partition(vals, ge - K)[ge - K]  # the K-th largest
+    if ge > size:  # more than one pass holds: gather them all
+        vals = np.empty(ge, x.dtype)
+        ids = np.empty(ge, np.int64)
+        q = 0
+        for i in range(n):
+            if x[i] >= t:
+                vals[q] = x[i]
+                ids[q] = i
+                q += 1
+    vals = vals[:ge]
+    part = np.partition(vals, ge - K)
+    tk = part[ge - K]  # the K-th largest
+    if K < hint_rank and 2 * hint_rank - K < ge:  # the hint_rank-th largest lies below tk
+        hint[0] = np.partition(part[: ge - K], ge - hint_rank)[ge - hint_rank]
     ties = K
     for p in range(ge):
         ties -= vals[p] > tk
@@ -474,13 +492,19 @@ def column_topk_flat(P: Tensor, capacities: Tensor) -> Tensor | None:
 
 
 @torch.no_grad()
-def top_k_at_least(x: Tensor, K: int, t: float | Tensor, cap: int) -> Tensor | None:
-    """The K largest entries of a 1-D x among those ≥ t, flat indices ascending, when between K
-    and ``cap`` entries reach t (Mutual Choice's candidates under a threshold); None when fewer
-    or more do, or x holds NaN. Call only where ``applies(x)``."""
+def top_k_at_least(
+    x: Tensor, K: int, t: float | Tensor, cap: int, hint_rank: int = 0
+) -> tuple[Tensor | None, float]:
+    """(The K largest entries of a 1-D x among those ≥ t, flat indices ascending, when between K
+    and ``cap`` entries reach t (Mutual Choice's candidates under a threshold), else None (fewer
+    or more do, or x holds NaN); a threshold for the next call: where more than 2·hint_rank − K
+    entries reached t, the hint_rank-th largest entry of x, else t). Call where ``applies(x)``."""
     kern = _kernels_for(x)
     if kern is None:
         raise RuntimeError("the selection kernels do not take this tensor; check applies(x) first")
     out = torch.empty(int(K), dtype=torch.int64)
-    count = kern["at_least"](x.numpy(), int(K), float(t), int(cap), out.numpy())
-    return out if K <= count <= cap else None
+    hint = np.empty(1, np.float64)
+    count = kern["at_least"](
+        x.numpy(), int(K), float(t), int(cap), out.numpy(), int(hint_rank), hint
+    )
+    return (out if K <= count <= cap else None), float(hint[0])

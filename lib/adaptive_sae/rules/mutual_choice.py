@@ -27,6 +27,10 @@ from .base import AllocationRule, ema_thresholds, register_rule
 # Threshold search: sample size and safety margin in standard deviations.
 _MC_SAMPLE = 1 << 16
 _MC_MARGIN_SD = 4.0
+# The kernel's next threshold: one that about (1 + this)·K entries of the batch reach. The
+# selection is exact whatever the threshold; this only keeps the candidates few (the K-th
+# largest affinity moves by a few percent from batch to batch).
+_MC_HINT_MARGIN = 0.15
 
 
 def _flat_storage(P: Tensor) -> tuple[Tensor, bool]:
@@ -57,11 +61,21 @@ def _top_of_candidates(flat: Tensor, cand: Tensor, K: int) -> Tensor:
 
 def _top_at_least(flat: Tensor, rows: int, K: int, t: Tensor, cap: int, ws) -> Tensor | None:
     """The top K of the entries >= t (ascending) when K to ``cap`` entries reach t, else None:
-    the compiled kernel on a CPU, else candidates by a mask and a topk over them."""
+    the compiled kernel on a CPU, else candidates by a mask and a topk over them. Where they
+    are found, the next step's threshold goes to ``ws``: the kernel's, which about
+    (1 + _MC_HINT_MARGIN)·K entries reach, else t."""
     if selection_kernels.applies(flat):
-        return selection_kernels.top_k_at_least(flat, K, t, cap)
+        rank = K + math.ceil(_MC_HINT_MARGIN * K)
+        idx, hint = selection_kernels.top_k_at_least(flat, K, t, cap, hint_rank=rank)
+        if idx is not None and ws is not None:
+            ws.hints["mutual_choice"] = torch.tensor(hint, dtype=torch.float64)
+        return idx
     cand = entries_at_least(flat.view(rows, -1), t, ws)
-    return _top_of_candidates(flat, cand, K) if K <= cand.numel() <= cap else None
+    if not K <= cand.numel() <= cap:
+        return None
+    if ws is not None:
+        ws.hints["mutual_choice"] = t
+    return _top_of_candidates(flat, cand, K)
 
 
 def select_mutual_choice(P: Tensor, budget: int, ws: Workspace | None = None) -> Tensor:
@@ -83,6 +97,10 @@ def select_mutual_choice(P: Tensor, budget: int, ws: Workspace | None = None) ->
         idx = sorted_indices(flat.topk(K, sorted=False).indices)
     elif hint is not None and hint.device == P.device:
         idx = _top_at_least(flat, rows_of_storage, K, hint, 4 * K, ws)
+    if idx is None and n <= 4 * _MC_SAMPLE and selection_kernels.applies(flat):
+        # small: a threshold that a few more than K entries reach, from one topk, then the kernel
+        t = flat.topk(min(n, K + math.ceil(_MC_HINT_MARGIN * K)), sorted=False).values.min()
+        idx = _top_at_least(flat, rows_of_storage, K, t, n, ws)
     if idx is None and n <= 4 * _MC_SAMPLE:  # small: one topk (its K-th value the next hint)
         top = flat.topk(K, sorted=False)
         idx = sorted_indices(top.indices)
@@ -97,10 +115,7 @@ def select_mutual_choice(P: Tensor, budget: int, ws: Workspace | None = None) ->
         while idx is None:
             t = sample.topk(r, sorted=False).values.min()
             idx = _top_at_least(flat, rows_of_storage, K, t, n, ws)
-            if idx is not None:
-                if ws is not None:
-                    ws.hints["mutual_choice"] = t
-            elif r == s:  # the whole sample was not enough (heavy ties or NaN): sort it all
+            if idx is None and r == s:  # the whole sample did not hold K (ties or NaN): sort all
                 idx = sorted_indices(flat.topk(K, sorted=False).indices)
             else:
                 r = min(s, 4 * r)

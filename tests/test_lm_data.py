@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -114,6 +115,24 @@ def test_training_resumes_to_the_same_weights(corpus, tmp_path):
     resumed = tiny_mod.train_tiny_lm(cfg, corpus, tmp_path / "b", log=None)
     assert resumed["weights_sha256"] == full["weights_sha256"]
     assert resumed["val_bits_per_byte"] == full["val_bits_per_byte"]
+
+
+def test_processes_side_by_side_train_the_model_once(corpus, tmp_path):
+    """Two loaders start on an empty cache at once (sweep points side by side): one trains,
+    the other waits for it and loads the same weights."""
+    cfg = tiny_mod.TinyLMConfig(**TOY)
+    logs: list[str] = []
+    with ThreadPoolExecutor(2) as pool:
+        got = list(
+            pool.map(
+                lambda _: tiny_mod.load_tiny_lm(
+                    cfg, corpus=corpus, cache_dir=tmp_path, log=logs.append
+                ),
+                range(2),
+            )
+        )
+    assert sum("training" in m for m in logs) == 1
+    assert got[0].record == got[1].record
 
 
 def test_retrain_forces_a_new_model(lm, corpus):

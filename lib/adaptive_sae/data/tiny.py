@@ -8,7 +8,8 @@ optimiser, step) is written atomically every ``checkpoint_every`` steps, so an i
 continues where it stopped. The trained weights go to ``<cache>/tiny_lm/<key>/`` with a JSON
 record (config, corpus hash, validation loss, training time); ``key`` hashes the config and the
 corpus, so a different Python (another corpus) trains its own model, and a present model is
-reused. ``python -m adaptive_sae.data.tiny [--retrain]`` trains (or loads) it and prints samples.
+reused; a lock file beside the folder lets one process train it while the others wait (sweep
+points that start together on a fresh cache). ``python -m adaptive_sae.data.tiny [--retrain]`` trains (or loads) it and prints samples.
 
 Validation loss is measured on non-overlapping ``n_ctx``-byte windows of the validation split;
 every byte after the first of each window is predicted; bits per byte = nats / ln 2.
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock
 from safetensors.torch import load_file
 
 from ..config import ConfigError, _JsonMixin
@@ -351,20 +353,24 @@ def load_tiny_lm(
     corpus = corpus or default_corpus(cfg.val_fraction)
     root = Path(cache_dir) if cache_dir is not None else cache_root()
     directory = root / "tiny_lm" / model_key(cfg, corpus)
-    have = (directory / WEIGHTS_FILE).is_file() and (directory / RECORD_FILE).is_file()
-    if retrain and directory.exists():
-        shutil.rmtree(directory)
-    if retrain or not have:
-        if log:
-            log(
-                f"tiny LM: training {cfg.n_layers} layers x {cfg.d_model} wide for {cfg.steps} "
-                f"steps into {directory}"
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    # one process trains, the others wait and load (sweep points start side by side on a
+    # fresh cache: each would otherwise train the same model into the same folder)
+    with FileLock(directory.with_name(directory.name + ".lock")):
+        have = (directory / WEIGHTS_FILE).is_file() and (directory / RECORD_FILE).is_file()
+        if retrain and directory.exists():
+            shutil.rmtree(directory)
+        if retrain or not have:
+            if log:
+                log(
+                    f"tiny LM: training {cfg.n_layers} layers x {cfg.d_model} wide for "
+                    f"{cfg.steps} steps into {directory}"
+                )
+            record = train_tiny_lm(
+                cfg, corpus, directory, resume=not retrain, num_threads=num_threads, log=log
             )
-        record = train_tiny_lm(
-            cfg, corpus, directory, resume=not retrain, num_threads=num_threads, log=log
-        )
-    else:
-        record = json.loads((directory / RECORD_FILE).read_text())
+        else:
+            record = json.loads((directory / RECORD_FILE).read_text())
     model = boot_model(cfg)
     model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
     model.eval()

@@ -292,41 +292,6 @@ def test_store_cache_round_trips(tmp_path):
     assert torch.equal(next(late), ref[9]) and torch.equal(next(late), ref[10])
 
 
-@pytest.mark.parametrize("memory", [10_000, 150])  # every pass kept, or a part of the first
-def test_store_memory_replays_the_same_batches_without_harvesting(memory):
-    """memory_tokens: later readers of a pass get the kept chunks (then harvest the rest), so
-    every batch, and every filter count, is what a store without it gives."""
-    big = {(3, 4)}
-
-    def read(memory_tokens):
-        """Four readers (one stops early, two run interleaved), 30 batches of 25 each: into
-        the third pass of 319 vectors."""
-        cfg = StoreConfig(buffer_tokens=64, outlier_multiple=5.0, memory_tokens=memory_tokens)
-        store, calls = _labelled_store(cfg, big=big)
-        partial = store.batches(25)
-        got = [next(partial) for _ in range(3)]
-        first = store.batches(25)
-        got += [next(first) for _ in range(30)]
-        second = store.batches(25)
-        for _ in range(27):
-            got += [next(second), next(partial)]
-        return got, calls["n"], dict(store.counts), store
-
-    want, calls_without, counts_without, _ = read(0)
-    got, calls_with, counts_with, store = read(memory)
-    assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
-    assert counts_with == counts_without  # replayed chunks count what their filtering dropped
-    per_pass = N_CTX // 5  # harvest calls of one pass
-    assert calls_without > 3 * per_pass  # every reader harvested its own
-    if memory >= 3 * N_CTX * T:
-        assert calls_with <= 3 * per_pass  # each context of each pass harvested once
-    else:
-        assert per_pass < calls_with < calls_without  # the first chunks replayed
-    assert 0 < store._kept_vectors <= memory
-    with pytest.raises(ValueError, match="memory_tokens"):
-        StoreConfig(memory_tokens=-1)
-
-
 # ----- GPT-2 -------------------------------------------------------------------------------------
 def test_gpt2_fails_fast_and_clearly_offline(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

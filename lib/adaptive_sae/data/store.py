@@ -13,11 +13,6 @@ crash never leaves a half-written cache) with a JSON sidecar of provenance, and 
 memory-mapped. A pass is then one seeded permutation of the cached vectors, so a sweep
 harvests once and trains many SAEs, and ``start_batch`` costs nothing.
 
-Memory (``memory_tokens``): the filtered chunks from the start of each pass, up to that many
-vectors, stay in memory, and a later reader of the pass (the next training run on the source in
-this process) replays them and harvests only what lies beyond: the same chunks, so the same
-batches, without running the model again.
-
 Filters, both counted in ``describe()``:
 - ``exclude_first``: drop position 0 of each context (it sees no context; the BOS-like token).
 - ``outlier_multiple``: drop vectors whose norm exceeds this multiple of the median norm of
@@ -114,12 +109,6 @@ class StoreConfig:
     """Vectors to harvest into the cache (at most one pass of the source)."""
     cache_dir: str | None = None
     """Root of the cache (default: cache_root())."""
-    memory_tokens: int = 0
-    """Filtered vectors kept in memory, from the start of each pass, so that a later pass over
-    the same stream in this process (the next training run on this source: every grid, every
-    seed, every budget of a protocol reads the stream from its start) replays them instead of
-    running the model again; the batches are the same. 0: harvest every time. It costs
-    memory_tokens · d_in · 4 bytes."""
 
     def __post_init__(self) -> None:
         if self.buffer_tokens < 2:
@@ -130,8 +119,6 @@ class StoreConfig:
             )
         if self.cache_tokens < 1:
             raise ValueError(f"cache_tokens={self.cache_tokens} must be >= 1.")
-        if self.memory_tokens < 0:
-            raise ValueError(f"memory_tokens={self.memory_tokens} must be >= 0 (0: off).")
 
 
 class ActivationStore:
@@ -158,10 +145,6 @@ class ActivationStore:
         self.counts = {"harvested": 0, "dropped_first_position": 0, "dropped_outliers": 0}
         self._cache: np.ndarray | None = None
         self._cache_meta: dict | None = None
-        # memory_tokens: per pass, the filtered chunks kept from its start (with the counts
-        # their filtering added) and whether they are the whole pass
-        self._kept: dict[int, tuple[list[tuple[torch.Tensor, dict[str, int]]], list[bool]]] = {}
-        self._kept_vectors = 0
 
     # -- harvesting and filtering -----------------------------------------------------------
     def filter(self, acts: torch.Tensor) -> torch.Tensor:
@@ -180,35 +163,12 @@ class ActivationStore:
         return flat.contiguous()
 
     def stream(self, pass_idx: int) -> Iterator[torch.Tensor]:
-        """Filtered vectors of one pass in context order, one chunk per harvest call; the
-        chunks kept in memory (``memory_tokens``) are replayed, not harvested again."""
-        kept, complete = self._kept.setdefault(pass_idx, ([], [False]))
-        i = 0
-        while i < len(kept):  # (a list another iterator of this pass may still extend)
-            chunk, counts = kept[i]
-            for name, n in counts.items():
-                self.counts[name] += n
-            yield chunk
-            i += 1
-        if complete[0]:
-            return
-        whole = True
-        for j, ctx in enumerate(self.contexts(pass_idx)):
-            if j < i:
-                continue  # replayed above
-            before = dict(self.counts)
+        """Filtered vectors of one pass in context order, one chunk per harvest call."""
+        for ctx in self.contexts(pass_idx):
             # (never yield inside no_grad: the caller would run with gradients off)
             with torch.no_grad():
                 chunk = self.filter(self.harvest(ctx))
-            room = self._kept_vectors + chunk.shape[0] <= self.cfg.memory_tokens
-            if j == len(kept) and room:
-                kept.append((chunk, {k: self.counts[k] - before[k] for k in self.counts}))
-                self._kept_vectors += chunk.shape[0]
-            else:
-                whole = False
             yield chunk
-        if whole:  # every chunk of the pass is kept (not reached where the reader stops early)
-            complete[0] = True
 
     # -- shuffled streaming -------------------------------------------------------------------
     def _generator(self, pass_idx: int) -> torch.Generator:

@@ -44,12 +44,6 @@ WEIGHTS_FILE = "model.safetensors"
 RECORD_FILE = "model.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 
-MEMORY_TOKENS = 1 << 21
-"""The ``tiny`` source keeps this many harvested vectors of each pass in memory (StoreConfig.
-memory_tokens; 1 GiB at d=128), so that the many training runs of an experiment on this source
-run the model once over the tokens they share: the model's forward is slower than training an
-SAE on its output. The batches are the same with any value; 0 harvests every time."""
-
 
 @dataclass
 class TinyLMConfig(_JsonMixin):
@@ -448,7 +442,6 @@ class TinyLMSource:
         outlier_multiple: float | None = 10.0,
         cache: bool = False,
         cache_tokens: int = 1_000_000,
-        memory_tokens: int = MEMORY_TOKENS,
         lm: TinyLM | None = None,
     ) -> None:
         if split not in ("train", "val"):
@@ -474,7 +467,6 @@ class TinyLMSource:
             cache=cache,
             cache_tokens=cache_tokens,
             cache_dir=cache_dir,
-            memory_tokens=memory_tokens,
         )
         self.store = ActivationStore(
             self.harvest,

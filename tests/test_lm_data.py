@@ -117,7 +117,7 @@ def test_training_resumes_to_the_same_weights(corpus, tmp_path):
     assert resumed["val_bits_per_byte"] == full["val_bits_per_byte"]
 
 
-def test_processes_side_by_side_train_the_model_once(corpus, tmp_path):
+def test_loaders_side_by_side_train_the_model_once(corpus, tmp_path):
     """Two loaders start on an empty cache at once (sweep points side by side): one trains,
     the other waits for it and loads the same weights."""
     cfg = tiny_mod.TinyLMConfig(**TOY)

@@ -39,6 +39,7 @@ _ROW_GROUPS_PER_K = 8  # per-token top-k: G = min(F, max(64, 8k)) column groups 
 _MIN_LANES = 64  # fewer lanes than this and the maxima pass no longer vectorises
 _COL_GROUPS = 128  # per-feature top-m: G = min(B, 128) token groups ...
 _RANK_BY_INSERTION = 32  # up to this many winners a list is ranked by insertion, else partitioned
+_PLACE_BY_RANK = 32  # up to this many winners are put in order by counting, else sorted
 use_kernels = os.environ.get("ADAPTIVE_SAE_KERNELS", "1") != "0"
 _compiled: dict | None = None  # numba import and JIT stay off the import path
 
@@ -57,8 +58,14 @@ def _insert_desc(vals, ids, n, v, i):  # pragma: no cover - compiled
 
 
 def _place_ascending(ids, n, out):  # pragma: no cover - compiled
-    """out[:n] = ids[:n] (distinct) in ascending order: each at its rank among them, counted
-    without a branch (an insertion sort of a few ids mispredicts most of its moves)."""
+    """out[:n] = ids[:n] (distinct) in ascending order: up to _PLACE_BY_RANK of them each at
+    its rank among them, counted without a branch (an insertion sort of a few ids mispredicts
+    most of its moves); more, sorted (O(n log n))."""
+    if n > _PLACE_BY_RANK:
+        ids[:n].sort()
+        for p in range(n):
+            out[p] = ids[p]
+        return
     for p in range(n):
         i = ids[p]
         r = 0
@@ -207,17 +214,7 @@ def _row_topk(P, k, G, out):  # pragma: no cover - compiled
             _rank_into(cv, ci, n, k, tc)
         else:
             _best_by_insertion(cv, ci, n, k, tv, tc, F)
-        if k > _RANK_BY_INSERTION:  # O(k log k)
-            tc[:k].sort()
-            for j in range(k):
-                out[b, j] = tc[j]
-            continue
-        for j in range(k):  # ascending (as _place_ascending, inline: a row view costs here)
-            c = tc[j]
-            r = 0
-            for q in range(k):
-                r += tc[q] < c
-            out[b, r] = c
+        _place_ascending(tc, k, out[b])
     return True
 
 
@@ -332,40 +329,41 @@ def _token_major(tokens, caps, offsets, F, B, out):  # pragma: no cover - compil
             pos[b] += 1
 
 
-def _top_at_least(x, K, t, cap, out, hint_rank, hint):  # pragma: no cover - compiled
-    """The K largest entries of x among those >= t (ties: lower index), ascending, into out,
-    when there are between K and cap of them. Returns their count, or -1 for NaN in x.
-    hint[0]: t, or, where more than 2·hint_rank − K entries reach t, the hint_rank-th largest
-    entry (a tighter threshold for the next batch; hint_rank 0: never)."""
-    n = x.shape[0]
-    hint[0] = t
-    size = min(cap, n, max(2 * max(K, hint_rank), 1024))  # what one pass gathers
-    vals = np.empty(size, x.dtype)
-    ids = np.empty(size, np.int64)
+def _gather_at_least(x, t, vals, ids):  # pragma: no cover - compiled
+    """The entries of x that are >= t, in order, into vals/ids as far as they hold them, in one
+    pass; returns how many there are, or -1 where x holds NaN (neither >= t nor < t)."""
     ge = 0
     nan = False
-    for i in range(n):  # one pass: count, gather, and NaN (neither >= t nor < t)
+    for i in range(x.shape[0]):
         v = x[i]
         if v >= t:
-            if ge < size:
+            if ge < vals.shape[0]:
                 vals[ge] = v
                 ids[ge] = i
             ge += 1
         elif not v < t:
             nan = True
-    if nan:
+    return -1 if nan else ge
+
+
+def _top_at_least(x, K, t, cap, out, hint_rank, hint):  # pragma: no cover - compiled
+    """The K largest entries of x among those >= t (ties: lower index), ascending, into out,
+    when there are between K and cap of them. Returns their count, or -1 for NaN in x.
+    hint[0]: t, or, where more than 2·hint_rank − K entries reach t, the hint_rank-th largest
+    entry (a tighter threshold for the next batch; hint_rank 0: never)."""
+    hint[0] = t
+    size = min(cap, x.shape[0], max(2 * max(K, hint_rank), 1024))  # what one pass gathers
+    vals = np.empty(size, x.dtype)
+    ids = np.empty(size, np.int64)
+    ge = _gather_at_least(x, t, vals, ids)
+    if ge < 0:
         return -1
     if ge < K or ge > cap:
         return ge
     if ge > size:  # more than one pass holds: gather them all
         vals = np.empty(ge, x.dtype)
         ids = np.empty(ge, np.int64)
-        q = 0
-        for i in range(n):
-            if x[i] >= t:
-                vals[q] = x[i]
-                ids[q] = i
-                q += 1
+        _gather_at_least(x, t, vals, ids)
     vals = vals[:ge]
     part = np.partition(vals, ge - K)
     tk = part[ge - K]  # the K-th largest
@@ -423,6 +421,7 @@ def _kernels() -> dict | None:
             "_rank_into",
             "_best_by_insertion",
             "_kth_largest",
+            "_gather_at_least",
         ):
             g[name] = jit(g[name])
         _compiled = {

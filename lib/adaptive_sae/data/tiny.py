@@ -9,7 +9,8 @@ continues where it stopped. The trained weights go to ``<cache>/tiny_lm/<key>/``
 record (config, corpus hash, validation loss, training time); ``key`` hashes the config and the
 corpus, so a different Python (another corpus) trains its own model, and a present model is
 reused; a lock file beside the folder lets one process train it while the others wait (sweep
-points that start together on a fresh cache). ``python -m adaptive_sae.data.tiny [--retrain]`` trains (or loads) it and prints samples.
+points that start together on a fresh cache). ``python -m adaptive_sae.data.tiny [--retrain]``
+trains (or loads) it and prints samples.
 
 Validation loss is measured on non-overlapping ``n_ctx``-byte windows of the validation split;
 every byte after the first of each window is predicted; bits per byte = nats / ln 2.

@@ -33,6 +33,11 @@ _MC_MARGIN_SD = 4.0
 _MC_HINT_MARGIN = 0.15
 
 
+def _hint_rank(K: int) -> int:
+    """The rank whose entry is the next threshold: about (1 + _MC_HINT_MARGIN)·K."""
+    return K + math.ceil(_MC_HINT_MARGIN * K)
+
+
 def _flat_storage(P: Tensor) -> tuple[Tensor, bool]:
     """A 1-D view of P's storage and whether it is feature-major (index f·B + b)."""
     if P.is_contiguous():
@@ -65,8 +70,7 @@ def _top_at_least(flat: Tensor, rows: int, K: int, t: Tensor, cap: int, ws) -> T
     are found, the next step's threshold goes to ``ws``: the kernel's, which about
     (1 + _MC_HINT_MARGIN)·K entries reach, else t."""
     if selection_kernels.applies(flat):
-        rank = K + math.ceil(_MC_HINT_MARGIN * K)
-        idx, hint = selection_kernels.top_k_at_least(flat, K, t, cap, hint_rank=rank)
+        idx, hint = selection_kernels.top_k_at_least(flat, K, t, cap, hint_rank=_hint_rank(K))
         if idx is not None and ws is not None:
             ws.hints["mutual_choice"] = torch.tensor(hint, dtype=torch.float64)
         return idx
@@ -99,7 +103,7 @@ def select_mutual_choice(P: Tensor, budget: int, ws: Workspace | None = None) ->
         idx = _top_at_least(flat, rows_of_storage, K, hint, 4 * K, ws)
     if idx is None and n <= 4 * _MC_SAMPLE and selection_kernels.applies(flat):
         # small: a threshold that a few more than K entries reach, from one topk, then the kernel
-        t = flat.topk(min(n, K + math.ceil(_MC_HINT_MARGIN * K)), sorted=False).values.min()
+        t = flat.topk(min(n, _hint_rank(K)), sorted=False).values.min()
         idx = _top_at_least(flat, rows_of_storage, K, t, n, ws)
     if idx is None and n <= 4 * _MC_SAMPLE:  # small: one topk (its K-th value the next hint)
         top = flat.topk(K, sorted=False)
